@@ -1,0 +1,169 @@
+"""Torch attention over the pruned, head-granular store (the CPU path and the GPU path's reference).
+
+Inputs are a layer's ``HeadFoldedLayout`` (which cells each (request, KV head) kept, at which positions) and a
+``QueryLayout`` (which rows of ``q`` belong to which request, at which positions). A query at position ``p`` sees
+the kept entries of its (request, KV head) at positions ``<= p``; GQA: query head ``j`` reads KV head ``j // G``
+with ``G = H_q / H`` (HF/SGLang ``repeat_kv`` order). A query that sees no key (an emptied head) outputs zeros.
+
+Implementation: requests are padded into groups and each group is one batched matmul over
+``[items, H, Q·G, K]`` scores with an explicit masked softmax in float32 (no Python loop per head or token).
+Groups are cut so the score tensor stays under ``max_score_elems``; a request whose own scores exceed it is split
+into query blocks (queries are independent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvzap_sglang.storage.layout import HeadFoldedLayout
+
+DEFAULT_MAX_SCORE_ELEMS = 1 << 24  # 64 MiB of float32 scores per group
+
+
+@dataclass(frozen=True)
+class QueryLayout:
+    """Where each request's query rows are.
+
+    * ``qo_indptr`` int64 ``[bs + 1]`` — request ``b``'s queries are rows ``qo_indptr[b]:qo_indptr[b+1]`` of ``q``;
+    * ``q_positions`` int64 ``[num_tokens]`` — absolute position of each query token.
+    """
+
+    qo_indptr: torch.Tensor
+    q_positions: torch.Tensor
+
+    @classmethod
+    def for_extend(cls, seq_lens: torch.Tensor, extend_lens: torch.Tensor) -> "QueryLayout":
+        """New tokens at the end of each request: request ``b`` holds ``seq_lens[b]`` tokens after this forward,
+        of which the last ``extend_lens[b]`` are queries (``extend_lens == 1`` is decode)."""
+        seq_lens = seq_lens.to(torch.int64)
+        extend_lens = extend_lens.to(torch.int64)
+        if bool((extend_lens > seq_lens).any()) or bool((extend_lens < 0).any()):
+            raise ValueError("need 0 <= extend_lens <= seq_lens")
+        qo_indptr = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64, device=seq_lens.device)
+        torch.cumsum(extend_lens, dim=0, out=qo_indptr[1:])
+        request = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=seq_lens.device), extend_lens)
+        first = (seq_lens - extend_lens)[request]  # position of each request's first new token
+        q_positions = first + torch.arange(int(qo_indptr[-1]), device=seq_lens.device) - qo_indptr[request]
+        return cls(qo_indptr, q_positions)
+
+    @classmethod
+    def for_decode(cls, seq_lens: torch.Tensor) -> "QueryLayout":
+        """One query per request, at position ``seq_lens[b] - 1``."""
+        return cls.for_extend(seq_lens, torch.ones_like(seq_lens))
+
+
+def attend(
+    q: torch.Tensor,
+    k_cells: torch.Tensor,
+    v_cells: torch.Tensor,
+    kv: HeadFoldedLayout,
+    qo: QueryLayout,
+    scaling: float | None = None,
+    max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS,
+) -> torch.Tensor:
+    """Causal attention of ``q`` over the kept cells.
+
+    Args:
+        q: ``[num_tokens, H_q, d]`` queries, rows grouped by request as in ``qo``.
+        k_cells, v_cells: ``[num_cells + 1, d]`` the store's cells.
+        kv: the layer's ``HeadFoldedLayout`` (must contain the keys the queries attend to, new tokens included).
+        qo: ``QueryLayout`` of ``q``.
+        scaling: softmax scale, default ``1/sqrt(d)``.
+        max_score_elems: memory bound for one group's score tensor.
+
+    Returns:
+        ``[num_tokens, H_q, d]`` in ``q.dtype``; zeros for a (token, head) that sees no kept key.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv.num_kv_heads
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"H_q ({num_q_heads}) is not a multiple of H ({num_kv_heads})")
+    if qo.qo_indptr.numel() != kv.batch_size + 1:
+        raise ValueError(f"{qo.qo_indptr.numel() - 1} query requests but {kv.batch_size} KV requests")
+    scaling = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
+    out = torch.zeros_like(q)
+    for item_req, item_start, item_len in _groups(qo, kv, num_q_heads, max_score_elems):
+        out_rows, values = _attend_group(q, k_cells, v_cells, kv, qo, item_req, item_start, item_len, scaling)
+        out[out_rows] = values.to(q.dtype)
+    return out
+
+
+def _groups(qo: QueryLayout, kv: HeadFoldedLayout, num_q_heads: int, budget: int):
+    """Yield ``(item_req, item_start, item_len)`` int64 tensors ``[I]`` per group of query blocks whose padded
+    score tensor ``I · H_q · max_len · max_kv`` stays within ``budget`` (one item alone may exceed it only when a
+    single query row does)."""
+    q_lens = (qo.qo_indptr[1:] - qo.qo_indptr[:-1]).tolist()
+    q_starts = qo.qo_indptr[:-1].tolist()
+    kv_max = kv.kv_lens.amax(dim=1).tolist() if kv.batch_size else []
+    group: list[tuple[int, int, int]] = []
+    group_q = group_k = 0
+    for b, (start, q_len, k_len) in enumerate(zip(q_starts, q_lens, kv_max)):
+        block = max(1, budget // max(1, num_q_heads * k_len))
+        for s in range(start, start + q_len, block):
+            n = min(block, start + q_len - s)
+            new_q, new_k = max(group_q, n), max(group_k, k_len)
+            if group and (len(group) + 1) * num_q_heads * new_q * new_k > budget:
+                yield _as_tensors(group, qo.qo_indptr.device)
+                group, new_q, new_k = [], n, k_len
+            group.append((b, s, n))
+            group_q, group_k = new_q, new_k
+    if group:
+        yield _as_tensors(group, qo.qo_indptr.device)
+
+
+def _as_tensors(group: list[tuple[int, int, int]], device: torch.device):
+    t = torch.tensor(group, dtype=torch.int64, device=device)
+    return t[:, 0], t[:, 1], t[:, 2]
+
+
+def _attend_group(q, k_cells, v_cells, kv, qo, item_req, item_start, item_len, scaling):
+    """Padded batched attention for one group of ``I`` query blocks; returns (rows of ``q`` [n], outputs [n, H_q, d])."""
+    num_items = item_req.numel()
+    num_heads = kv.num_kv_heads
+    _, num_q_heads, head_dim = q.shape
+    group_size = num_q_heads // num_heads
+    device = q.device
+
+    # Queries [I, Q, H_q, d] -> [I, H, Q·G, d]
+    max_q = int(item_len.max())
+    q_offs = torch.arange(max_q, device=device)
+    q_valid = q_offs[None, :] < item_len[:, None]  # [I, Q]
+    q_rows = torch.where(q_valid, item_start[:, None] + q_offs[None, :], 0)
+    q_pad = q[q_rows].float().view(num_items, max_q, num_heads, group_size, head_dim)
+    q_pad = q_pad.permute(0, 2, 1, 3, 4).reshape(num_items, num_heads, max_q * group_size, head_dim)
+    q_pos = qo.q_positions[q_rows]  # [I, Q]
+    q_pos = q_pos[:, None, :, None].expand(num_items, 1, max_q, group_size).reshape(num_items, 1, -1, 1)
+
+    # Keys/values of the items' (request, head) sequences [I, H, K, d]
+    seqs = item_req[:, None] * num_heads + torch.arange(num_heads, device=device)  # [I, H]
+    kv_start = kv.kv_indptr[seqs].to(torch.int64)
+    kv_len = kv.kv_lens.reshape(-1)[seqs].to(torch.int64)
+    max_k = int(kv_len.max())
+    if max_k == 0:  # every sequence of the group is empty
+        return q_rows[q_valid], torch.zeros(int(q_valid.sum()), num_q_heads, head_dim, device=device)
+    k_offs = torch.arange(max_k, device=device)
+    k_valid = k_offs < kv_len[..., None]  # [I, H, K]
+    k_at = torch.where(k_valid, kv_start[..., None] + k_offs, 0)
+    if kv.num_entries:
+        cells = torch.where(k_valid, kv.kv_indices[k_at].to(torch.int64), 0)
+        k_pos = kv.kv_positions[k_at].to(torch.int64)
+    else:
+        cells = torch.zeros_like(k_at)
+        k_pos = k_at
+    keys = k_cells[cells].float()  # [I, H, K, d]
+    values = v_cells[cells].float()
+
+    scores = torch.matmul(q_pad, keys.transpose(-1, -2)) * scaling  # [I, H, Q·G, K]
+    visible = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # rows with no key: all -inf
+    weights = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
+    denom = weights.sum(dim=-1, keepdim=True)
+    attn = torch.matmul(weights, values) / denom.clamp_min(torch.finfo(torch.float32).tiny)  # 0 where no key
+
+    attn = attn.view(num_items, num_heads, max_q, group_size, head_dim).permute(0, 2, 1, 3, 4)
+    attn = attn.reshape(num_items, max_q, num_q_heads, head_dim)
+    return q_rows[q_valid], attn[q_valid]

@@ -1,0 +1,251 @@
+"""Head-granular KV storage: virtual token slots mapped to one physical cell per (layer, KV head).
+
+Why (docs/design.md, ../shared/notes/granularity.md): KVzap drops single (layer, KV head, token) entries, and
+SGLang's pool slot holds a token for all layers and heads, so at 50–75 % removed entries token slots free no memory.
+Here a token slot owns no K/V memory; it owns up to ``layers × kv_heads`` cells through ``slot_to_cell``, and each
+cell can be freed on its own and reused by any request, layer or head.
+
+Tensors (``S = num_slots``, ``N = num_cells``, ``L = layers``, ``H = kv_heads``, ``d = head_dim``):
+
+* ``k_cells``, ``v_cells``: ``[N + 1, d]`` in ``dtype``; row 0 is the padding cell (never handed out; writes of
+  SGLang's dummy slot 0 land there, and index tensors are padded with it).
+* ``slot_to_cell``: int32 ``[S + 1, L, H]``; ``-1`` = no cell (pruned, freed or never written). Slot 0 is SGLang's
+  padding slot and never maps to a cell.
+* ``slot_scores``: ``[S + 1, L, H]`` in ``score_dtype`` (float32 by default: bf16's ~0.03 step at |score|≈4 would
+  move entries across τ and break equality with ``policy.keep_mask``); NaN = no score (the DMS rule keeps it).
+
+Invariant (``check_invariants``): every cell id in ``slot_to_cell`` is in use, and every in-use cell appears in
+``slot_to_cell`` exactly once. So freeing through the map can never double-free, and freeing every slot leaves 0
+cells in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvzap_sglang.storage.cell_allocator import CellAllocator
+
+NO_CELL = -1
+
+
+@dataclass(frozen=True)
+class CellStoreConfig:
+    """Sizes and dtypes of a ``CellStore``.
+
+    ``num_slots`` virtual token slots are cheap (``L·H·(4 + score bytes)`` of map per slot, vs ``2·L·H·d·dtype``
+    bytes of K/V per full token), so size them generously; ``num_cells`` is the real memory budget.
+    """
+
+    num_slots: int
+    num_cells: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None  # only equal K/V head dims are supported (SmolLM2, Llama, Qwen)
+    dtype: torch.dtype = torch.bfloat16
+    score_dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("num_slots", "num_cells", "num_layers", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.v_head_dim is not None and self.v_head_dim != self.head_dim:
+            raise ValueError(f"v_head_dim ({self.v_head_dim}) != head_dim ({self.head_dim}) is not supported")
+
+    @property
+    def entries_per_token(self) -> int:
+        """Cells one fully kept token holds: ``layers × kv_heads``."""
+        return self.num_layers * self.num_kv_heads
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of ``k_cells`` + ``v_cells``."""
+        return 2 * (self.num_cells + 1) * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CellStore:
+    """K/V cells, the slot → cell map, the per-entry scores and the cell allocator.
+
+    Every method taking ``slots`` accepts an integer tensor ``[n]`` of slot ids in ``0 .. num_slots`` (slot 0 is
+    padding: writes go to the padding cell, every other op ignores it).
+    """
+
+    def __init__(self, config: CellStoreConfig) -> None:
+        self.config = config
+        c = config
+        device = torch.device(c.device)
+        self.device = device
+        self.k_cells = torch.zeros(c.num_cells + 1, c.head_dim, dtype=c.dtype, device=device)
+        self.v_cells = torch.zeros(c.num_cells + 1, c.head_dim, dtype=c.dtype, device=device)
+        shape = (c.num_slots + 1, c.num_layers, c.num_kv_heads)
+        self.slot_to_cell = torch.full(shape, NO_CELL, dtype=torch.int32, device=device)
+        self.slot_scores = torch.full(shape, float("nan"), dtype=c.score_dtype, device=device)
+        self.allocator = CellAllocator(c.num_cells, device=device)
+        # Cumulative counters for observability (server-wide metrics).
+        self.entries_written = 0
+        self.entries_pruned = 0
+
+    # ------------------------------------------------------------------ accounting
+
+    def used_cells(self) -> int:
+        return self.allocator.used()
+
+    def free_cells(self) -> int:
+        return self.allocator.available()
+
+    def token_capacity(self) -> int:
+        """Free memory in token-equivalents, ``free_cells // (layers · kv_heads)``: what admission control sees."""
+        return self.allocator.available() // self.config.entries_per_token
+
+    def cells_held(self, slots: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]``: cells each slot holds over all layers and heads (0 for slot 0)."""
+        slots = self._slots(slots)
+        return (self.slot_to_cell[slots] >= 0).sum(dim=(1, 2))
+
+    # ------------------------------------------------------------------ writes
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """Store layer ``layer``'s K/V of tokens ``slots`` for every KV head (SGLang's ``set_kv_buffer``).
+
+        Args:
+            slots: ``[n]`` distinct slot ids (slot 0 may repeat: padded tokens, written to the padding cell).
+            k, v: ``[n, H, d]`` (or ``[n, H·d]``); cast to the store dtype.
+            scores: optional ``[n, H]`` log-scores; when omitted the entries' scores are reset to NaN.
+
+        A (slot, layer, head) that already holds a cell is overwritten in place (SGLang may rewrite a slot; no leak);
+        missing ones (never written, or pruned) get a new cell.
+
+        Raises:
+            OutOfCells: not enough free cells; nothing was written.
+            ValueError: bad layer, slot ids or shapes; nothing was written.
+        """
+        self._check_layer(layer)
+        slots = self._slots(slots)
+        n, h, d = slots.numel(), self.config.num_kv_heads, self.config.head_dim
+        k, v = k.reshape(n, h, d), v.reshape(n, h, d)
+        real = slots != 0
+        real_slots = slots[real]
+        if int(torch.unique(real_slots).numel()) != real_slots.numel():
+            raise ValueError("write() got the same slot twice")
+        cells = self.slot_to_cell[slots, layer].to(torch.int64)  # [n, H]
+        missing = (cells < 0) & real[:, None]
+        cells[missing] = self.allocator.alloc(int(missing.sum()))  # raises before any change
+        cells[~real] = 0
+        self.slot_to_cell[real_slots, layer] = cells[real].to(torch.int32)
+        flat = cells.reshape(-1)
+        self.k_cells[flat] = k.reshape(-1, d).to(self.config.dtype)
+        self.v_cells[flat] = v.reshape(-1, d).to(self.config.dtype)
+        if scores is None:
+            self.slot_scores[real_slots, layer] = float("nan")
+        else:
+            self.slot_scores[real_slots, layer] = scores.reshape(n, h)[real].to(self.config.score_dtype)
+        self.entries_written += int(missing.sum())
+
+    def set_scores(self, layer: int, slots: torch.Tensor, scores: torch.Tensor) -> None:
+        """Record the surrogate's log-scores ``[n, H]`` of layer ``layer`` for ``slots`` ``[n]`` (slot 0 ignored)."""
+        self._check_layer(layer)
+        slots = self._slots(slots)
+        scores = scores.reshape(slots.numel(), self.config.num_kv_heads)
+        real = slots != 0
+        self.slot_scores[slots[real], layer] = scores[real].to(self.config.score_dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense view of layer ``layer`` for ``slots`` ``[n]``: ``k, v`` ``[n, H, d]`` (zeros where no cell) and
+        ``held`` bool ``[n, H]``. For tests and debugging; attention uses ``layout.build_layout``."""
+        self._check_layer(layer)
+        cells = self.slot_to_cell[self._slots(slots), layer].to(torch.int64)  # [n, H]
+        held = cells >= 0
+        idx = cells.clamp_min(0)
+        k = torch.where(held[..., None], self.k_cells[idx], 0)
+        v = torch.where(held[..., None], self.v_cells[idx], 0)
+        return k, v, held
+
+    # ------------------------------------------------------------------ frees
+
+    def prune(self, layer: int, slots: torch.Tensor, heads: torch.Tensor) -> int:
+        """Free the cells of entries ``(slots[i], layer, heads[i])`` (``[n]`` each); returns cells freed.
+
+        See ``prune_entries`` for the tolerance rules.
+        """
+        self._check_layer(layer)
+        return self.prune_entries(slots, torch.full_like(slots.reshape(-1), layer), heads)
+
+    def prune_entries(self, slots: torch.Tensor, layers: torch.Tensor, heads: torch.Tensor) -> int:
+        """Free the cells of entries ``(slots[i], layers[i], heads[i])`` (``[n]`` each); returns cells freed.
+
+        Entries already without a cell (pruned before, never written, slot 0) are skipped, and an entry listed twice
+        is freed once, so a cell is never freed twice.
+        """
+        slots = self._slots(slots)
+        layers = layers.reshape(-1).to(device=self.device, dtype=torch.int64)
+        heads = heads.reshape(-1).to(device=self.device, dtype=torch.int64)
+        if not slots.numel() == layers.numel() == heads.numel():
+            raise ValueError(f"prune: {slots.numel()} slots, {layers.numel()} layers, {heads.numel()} heads")
+        if heads.numel() and bool(((heads < 0) | (heads >= self.config.num_kv_heads)).any()):
+            raise ValueError(f"head ids must be in 0..{self.config.num_kv_heads - 1}")
+        if layers.numel() and bool(((layers < 0) | (layers >= self.config.num_layers)).any()):
+            raise ValueError(f"layer ids must be in 0..{self.config.num_layers - 1}")
+        cells = self.slot_to_cell[slots, layers, heads].to(torch.int64)
+        held = cells >= 0
+        freed = torch.unique(cells[held])
+        self.allocator.free(freed)
+        self.slot_to_cell[slots[held], layers[held], heads[held]] = NO_CELL
+        self.entries_pruned += freed.numel()
+        return freed.numel()
+
+    def prune_mask(self, layer: int, slots: torch.Tensor, drop: torch.Tensor) -> int:
+        """Free the entries where bool ``drop`` ``[n, H]`` is True for ``slots`` ``[n]``; returns cells freed."""
+        slots = self._slots(slots)
+        drop = drop.reshape(slots.numel(), self.config.num_kv_heads)
+        rows, heads = drop.nonzero(as_tuple=True)
+        return self.prune(layer, slots[rows], heads)
+
+    def free_slots(self, slots: torch.Tensor) -> int:
+        """Free every cell the slots still hold in any layer or head (request finished or aborted, tree eviction).
+
+        Idempotent per entry: a slot holding no cells (already freed, or fully pruned) frees nothing; catching
+        double *slot* frees is the slot allocator's job. Returns the number of cells freed.
+        """
+        slots = self._slots(slots)
+        slots = torch.unique(slots[slots != 0])
+        cells = self.slot_to_cell[slots]  # [n, L, H]
+        held = cells[cells >= 0]
+        self.allocator.free(held)  # distinct by the map invariant
+        self.slot_to_cell[slots] = NO_CELL
+        self.slot_scores[slots] = float("nan")
+        return held.numel()
+
+    # ------------------------------------------------------------------ checks
+
+    def check_invariants(self) -> None:
+        """Assert the map/allocator invariant (see module docstring); O(S·L·H + N), for tests."""
+        self.allocator.check_invariants()
+        assert bool((self.slot_to_cell >= NO_CELL).all()), "slot_to_cell holds a value below -1"
+        assert bool((self.slot_to_cell[0] == NO_CELL).all()), "padding slot 0 maps to a cell"
+        mapped = self.slot_to_cell[self.slot_to_cell >= 0].to(torch.int64)
+        assert bool((mapped >= 1).all()) and bool((mapped <= self.config.num_cells).all()), "map holds a bad cell id"
+        refs = torch.bincount(mapped, minlength=self.config.num_cells + 1)
+        assert bool((refs <= 1).all()), "a cell is referenced by two entries"
+        assert torch.equal(refs.bool(), self.allocator.in_use), "map references and in-use cells differ (leak?)"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer must be in 0..{self.config.num_layers - 1}, got {layer}")
+
+    def _slots(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.reshape(-1).to(device=self.device, dtype=torch.int64)
+        if slots.numel() and bool(((slots < 0) | (slots > self.config.num_slots)).any()):
+            raise ValueError(f"slot ids must be in 0..{self.config.num_slots}")
+        return slots

@@ -1,0 +1,108 @@
+"""Per-layer attention metadata over the head-granular store, with KV heads folded into the batch.
+
+Each (request ``b``, KV head ``h``) is one sequence ``s = b·H + h`` with one KV head: its keys are the cells of
+the request's token slots, in position order, whose ``slot_to_cell[slot, layer, h]`` is ≥ 0 (stream compaction;
+pruned entries simply do not appear). Lengths differ per (layer, head), so the metadata is built per layer.
+
+``HeadFoldedLayout`` (``bs`` requests, ``H`` KV heads, ``nnz`` kept entries):
+
+* ``kv_indptr``   int32 ``[bs·H + 1]``  — sequence ``s`` owns ``kv_indices[kv_indptr[s]:kv_indptr[s+1]]``;
+* ``kv_indices``  int32 ``[nnz]``       — cell ids (rows of ``k_cells`` / ``v_cells``), ascending position per sequence;
+* ``kv_positions`` int32 ``[nnz]``      — absolute token position of each kept entry (for causal masks);
+* ``kv_lens``     int32 ``[bs, H]``     — kept entries per (request, head).
+
+FlashInfer mapping (page size 1, one plan per layer; implemented and verified by the GPU issue, #7):
+
+* paged KV cache (NHD): ``(store.k_cells.view(N + 1, 1, 1, d), store.v_cells.view(N + 1, 1, 1, d))`` —
+  ``[num_pages, page_size = 1, num_kv_heads = 1, head_dim]``, zero copy; a cell id is a page id;
+* ``wrapper.plan(kv_indptr, kv_indices, kv_last_page_len = ones(bs·H), num_qo_heads = G, num_kv_heads = 1,
+  head_dim = d, page_size = 1, ...)`` with ``G = H_q / H`` (GQA group; query head ``j`` reads KV head ``j // G``);
+* queries: decode ``q [bs, H_q, d] → view [bs·H, G, d]``; extend: request ``b``'s ``n_b`` new tokens
+  ``[n_b, H_q, d] → [n_b, H, G, d] → permute [H, n_b, G, d] → [H·n_b, G, d]`` with
+  ``qo_indptr = cumsum(repeat_interleave(extend_lens, H))``; outputs go back the same way.
+* FlashInfer's causal mask aligns the queries with the *end* of each KV list. That is exact here when the new
+  tokens' K/V are written (all heads hold a cell) before the layout is built: they are then the last ``n_b``
+  entries of every (b, h) list, and every kept prefix entry precedes them. For SGLang's ragged extend (new
+  tokens attended from the raw ``k, v`` and merged by LSE) build the layout over the prefix only
+  (``seq_lens = extend_prefix_lens``) and plan it non-causal. The torch path (``attention.attend``) masks by
+  ``kv_positions`` and needs neither assumption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvzap_sglang.storage.cell_store import CellStore
+
+
+@dataclass(frozen=True)
+class HeadFoldedLayout:
+    """Kept entries of one layer for a batch, one sequence per (request, KV head); see the module docstring."""
+
+    kv_indptr: torch.Tensor  # int32 [bs*H + 1]
+    kv_indices: torch.Tensor  # int32 [nnz] cell ids
+    kv_positions: torch.Tensor  # int32 [nnz] absolute positions
+    kv_lens: torch.Tensor  # int32 [bs, H]
+    num_kv_heads: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_lens.shape[0]
+
+    @property
+    def num_entries(self) -> int:
+        return self.kv_indices.numel()
+
+    @property
+    def kv_last_page_len(self) -> torch.Tensor:
+        """int32 ``[bs·H]`` of ones: every page holds one entry (FlashInfer's ``paged_kv_last_page_len``)."""
+        return torch.ones(self.kv_lens.numel(), dtype=torch.int32, device=self.kv_lens.device)
+
+
+def build_layout(store: CellStore, layer: int, token_slots: torch.Tensor, seq_lens: torch.Tensor) -> HeadFoldedLayout:
+    """Compact layer ``layer``'s kept entries of a batch.
+
+    Args:
+        store: the cell store.
+        layer: layer index.
+        token_slots: integer ``[bs, T]`` with ``T >= max(seq_lens)``; row ``b`` holds request ``b``'s token slot ids
+            by position (SGLang: ``req_to_token[req_pool_indices, :T]``). Entries at ``p >= seq_lens[b]`` are ignored.
+        seq_lens: integer ``[bs]`` tokens per request to read (including this forward's tokens when written).
+
+    Returns:
+        ``HeadFoldedLayout`` (vectorised; cost O(bs·T·H)).
+    """
+    num_heads = store.config.num_kv_heads
+    bs, max_len = token_slots.shape
+    device = store.device
+    seq_lens = seq_lens.to(device=device, dtype=torch.int64)
+    if seq_lens.numel() != bs:
+        raise ValueError(f"token_slots has {bs} rows but seq_lens has {seq_lens.numel()} entries")
+    if bs and int(seq_lens.max()) > max_len:
+        raise ValueError(f"seq_lens up to {int(seq_lens.max())} exceed token_slots width {max_len}")
+    positions = torch.arange(max_len, device=device)
+    in_seq = positions[None, :] < seq_lens[:, None]  # [bs, T]
+    slots = torch.where(in_seq, token_slots.to(device=device, dtype=torch.int64), 0)
+    cells = store.slot_to_cell[slots, layer].transpose(1, 2)  # [bs, H, T]; slot 0 maps to -1
+    keep = (cells >= 0) & in_seq[:, None, :]
+    kv_lens = keep.sum(dim=-1, dtype=torch.int32)  # [bs, H]
+    kv_indptr = torch.zeros(bs * num_heads + 1, dtype=torch.int32, device=device)
+    torch.cumsum(kv_lens.reshape(-1), dim=0, out=kv_indptr[1:])
+    # Boolean indexing walks (b, h, t) in row-major order: sequences in s = b·H + h order, positions ascending.
+    kv_indices = cells[keep]
+    kv_positions = positions.to(torch.int32).expand(bs, num_heads, max_len)[keep]
+    return HeadFoldedLayout(kv_indptr, kv_indices, kv_positions, kv_lens, num_heads)
+
+
+def pad_slot_lists(slot_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-request slot lists ``[T_b]`` into ``token_slots [bs, max T_b]`` (padded with slot 0) and
+    ``seq_lens [bs]`` — the ``build_layout`` inputs for callers without a ``req_to_token`` table."""
+    seq_lens = torch.tensor([s.numel() for s in slot_lists], dtype=torch.int64)
+    if not slot_lists:
+        return torch.zeros(0, 0, dtype=torch.int64), seq_lens
+    token_slots = torch.nn.utils.rnn.pad_sequence(
+        [s.reshape(-1).to(torch.int64) for s in slot_lists], batch_first=True, padding_value=0
+    )
+    return token_slots, seq_lens

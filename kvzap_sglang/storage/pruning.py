@@ -1,0 +1,89 @@
+"""Apply DMS decisions (``kvzap_sglang.policy``) to the cell store: where entries are actually freed.
+
+When a forward grows request ``b`` from ``prev_lens[b]`` to ``new_lens[b]`` tokens, the tokens at positions
+``policy.window_exits(prev, new, window)`` leave the protected window and are decided once, with the score stored
+when they were written: an entry is freed iff its score is strictly below τ (NaN = no score = kept). Feeding any
+split of a sequence (prefill, chunked prefill, decode steps) through this gives ``policy.keep_mask`` of the whole
+sequence (tested in tests/core/test_pruning_store.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvzap_sglang.policy import window_exits
+from kvzap_sglang.storage.cell_store import CellStore
+
+
+def window_exit_positions(
+    prev_lens: torch.Tensor, new_lens: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions leaving the window, for a batch.
+
+    Args:
+        prev_lens, new_lens: integer ``[bs]`` lengths before and after the forward.
+
+    Returns:
+        ``(requests, positions)``: int64 ``[n]`` each, the request index and absolute position of every exit.
+    """
+    exits = [window_exits(int(p), int(n), window) for p, n in zip(prev_lens.tolist(), new_lens.tolist())]
+    counts = torch.tensor([len(e) for e in exits], dtype=torch.int64)
+    starts = torch.tensor([e.start for e in exits], dtype=torch.int64)
+    requests = torch.repeat_interleave(torch.arange(len(exits)), counts)
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return requests, starts[requests] + offsets
+
+
+def prune_window_exits(
+    store: CellStore,
+    layer: int | None,
+    token_slots: torch.Tensor,
+    prev_lens: torch.Tensor,
+    new_lens: torch.Tensor,
+    threshold: float,
+    window: int,
+) -> torch.Tensor:
+    """Free the cells of exiting entries whose stored score is ``< threshold``.
+
+    Args:
+        store: the cell store (scores must already be in ``store.slot_scores``).
+        layer: the layer to decide, or ``None`` for every layer at once.
+        token_slots: integer ``[bs, T]``, ``T >= max(new_lens)``: each request's slot ids by position
+            (SGLang: ``req_to_token[req_pool_indices, :T]``).
+        prev_lens, new_lens: integer ``[bs]`` request lengths before/after this forward.
+        threshold: τ (strict ``<``).
+        window: protected recent tokens.
+
+    Returns:
+        int64 ``[bs]``: cells freed per request. Entries already freed are skipped, so calling this again for
+        the same growth, or on a slot shared by two requests, never frees a cell twice.
+    """
+    requests, positions = window_exit_positions(prev_lens, new_lens, window)
+    requests, positions = requests.to(store.device), positions.to(store.device)
+    slots = token_slots.to(device=store.device, dtype=torch.int64)[requests, positions]  # [n]
+    freed_per_request = torch.zeros(prev_lens.numel(), dtype=torch.int64, device=store.device)
+    if slots.numel() == 0:
+        return freed_per_request
+    if layer is None:
+        scores, cells = store.slot_scores[slots], store.slot_to_cell[slots]  # [n, L, H]
+    else:
+        if not 0 <= layer < store.config.num_layers:
+            raise ValueError(f"layer must be in 0..{store.config.num_layers - 1}, got {layer}")
+        scores, cells = store.slot_scores[slots, layer][:, None], store.slot_to_cell[slots, layer][:, None]
+    drop = (scores < threshold) & (cells >= 0)  # [n, L', H]
+    rows, layer_idx, heads = drop.nonzero(as_tuple=True)
+    layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
+    # Two requests may list the same slot (prefix sharing): count each entry for the first request listing it.
+    entry = (slots[rows] * store.config.num_layers + layers) * store.config.num_kv_heads + heads
+    _, first = _first_occurrence(entry)
+    freed_per_request.index_add_(0, requests[rows[first]], torch.ones_like(first))
+    store.prune_entries(slots[rows], layers, heads)
+    return freed_per_request
+
+
+def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values ``[u]`` and the index ``[u]`` of each one's first occurrence in ``values`` ``[n]``."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((unique.numel(),), values.numel(), dtype=torch.int64, device=values.device)
+    first.scatter_reduce_(0, inverse, torch.arange(values.numel(), device=values.device), reduce="amin")
+    return unique, first
