@@ -1,0 +1,52 @@
+"""Typed errors of the calibrator; the service maps each to one HTTP status in a single handler."""
+
+from __future__ import annotations
+
+
+class CalibrationError(Exception):
+    """Base class; ``code`` is a stable machine-readable reason."""
+
+    code = "calibration_error"
+
+
+class InvalidTargetError(CalibrationError, ValueError):
+    code = "invalid_target"
+
+
+class TooFewSamplesError(CalibrationError):
+    code = "too_few_samples"
+
+    def __init__(self, available: int, required: int, what: str = "") -> None:
+        self.available, self.required = available, required
+        where = f" for {what}" if what else ""
+        super().__init__(f"{available} sampled requests{where}, at least {required} are needed to calibrate")
+
+
+class TargetUnreachableError(CalibrationError):
+    code = "target_unreachable"
+
+    def __init__(self, target: float, achievable_min: float, achievable_max: float, protected: float) -> None:
+        self.target, self.achievable_min, self.achievable_max = target, achievable_min, achievable_max
+        reason = (
+            f"; the protected window alone keeps {protected:.3f} of the entries on average"
+            if target > achievable_max
+            else ""
+        )
+        super().__init__(
+            f"target removed fraction {target:.4f} is not achievable on these requests: thresholds on the bin "
+            f"layout give a mean removed fraction between {achievable_min:.4f} and {achievable_max:.4f}{reason}"
+        )
+
+
+class UnknownModelError(CalibrationError, LookupError):
+    code = "unknown_model"
+
+
+class ThresholdNotFoundError(CalibrationError, LookupError):
+    code = "threshold_not_found"
+
+
+class StoreUnavailableError(CalibrationError):
+    """Redis could not be reached or failed mid-operation; nothing was written."""
+
+    code = "store_unavailable"

@@ -1,0 +1,82 @@
+"""Fitting τ on synthetic traffic whose correct τ is known analytically."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from calibrator import (
+    InMemoryCurves,
+    InvalidTargetError,
+    TargetUnreachableError,
+    TooFewSamplesError,
+    fit_threshold,
+    summarize,
+)
+
+BIN_WIDTH = 1 / 16  # the layout's width on [-16, 16]
+
+
+def _requests(n, mus, sigma=2.0, tokens=2000, window=0, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        summarize(rng.normal(mus[i % len(mus)], sigma, size=(4, 2, tokens)).astype(np.float32), window,
+                  model="m", task="t")
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def normal_traffic():
+    return InMemoryCurves.from_summaries(_requests(40, [-6.0]))
+
+
+@pytest.mark.parametrize("target", [0.5, 0.67, 0.75])
+def test_tau_lands_on_the_true_quantile(normal_traffic, target):
+    fit = fit_threshold(normal_traffic, target, bootstrap_resamples=200)
+    true_tau = -6.0 + 2.0 * NormalDist().inv_cdf(target)
+    # Edge choice moves τ by at most half a bin; sampling (40 × 16k entries) adds well under 0.02.
+    assert abs(fit.tau - true_tau) <= BIN_WIDTH / 2 + 0.02
+    assert abs(fit.predicted_removed_fraction - target) <= fit.resolution
+    assert fit.ci_low <= fit.predicted_removed_fraction <= fit.ci_high
+    assert fit.ci_high - fit.ci_low < 0.01
+    assert fit.n_requests == 40
+
+
+def test_window_shrinks_the_fraction_and_bounds_the_target():
+    # 300 tokens, window 100: a third of every request is protected; removed(τ) = 2/3 · Φ((τ − μ)/σ).
+    curves = InMemoryCurves.from_summaries(_requests(30, [-6.0], tokens=300, window=100))
+    fit = fit_threshold(curves, 0.5, bootstrap_resamples=100)
+    assert abs(fit.tau - (-6.0 + 2.0 * NormalDist().inv_cdf(0.75))) <= BIN_WIDTH / 2 + 0.05
+    with pytest.raises(TargetUnreachableError, match=r"between 0\.0000 and 0\.6667.*window alone keeps 0\.333"):
+        fit_threshold(curves, 0.75)
+
+
+def test_mixed_requests_report_spread():
+    curves = InMemoryCurves.from_summaries(_requests(40, [-5.0, -7.0]))
+    fit = fit_threshold(curves, 0.5, bootstrap_resamples=200)
+    # By symmetry the mean hits 0.5 at τ = −6; the two halves sit at Φ(∓0.5).
+    assert abs(fit.tau + 6.0) <= BIN_WIDTH
+    assert fit.p10 == pytest.approx(NormalDist().cdf(-0.5), abs=0.03)
+    assert fit.p90 == pytest.approx(NormalDist().cdf(0.5), abs=0.03)
+
+
+def test_bootstrap_is_reproducible_per_seed(normal_traffic):
+    first = fit_threshold(normal_traffic, 0.6, bootstrap_resamples=300, seed=7)
+    again = fit_threshold(normal_traffic, 0.6, bootstrap_resamples=300, seed=7)
+    other = fit_threshold(normal_traffic, 0.6, bootstrap_resamples=300, seed=8)
+    assert (first.ci_low, first.ci_high) == (again.ci_low, again.ci_high)
+    assert (first.ci_low, first.ci_high) != (other.ci_low, other.ci_high)
+    assert first.tau == other.tau
+
+
+def test_refusals(normal_traffic):
+    with pytest.raises(TooFewSamplesError, match="40 sampled requests.*at least 41"):
+        fit_threshold(normal_traffic, 0.5, min_samples=41)
+    with pytest.raises(TooFewSamplesError):
+        fit_threshold(InMemoryCurves.from_summaries([]), 0.5, min_samples=0)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(InvalidTargetError):
+            fit_threshold(normal_traffic, bad)
