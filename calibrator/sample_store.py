@@ -1,0 +1,299 @@
+"""Sampled traffic in Redis, laid out so that a fit reads O(edges + N) bytes, not O(N × edges).
+
+Per series (model, task, tenant), under a configurable key prefix ``P`` and ``S = SeriesKey.encode()``:
+
+* ``P:raw:S`` — capped stream (XADD MAXLEN ~) of the raw summaries as JSON, for audit and re-aggregation;
+* ``P:segs:S`` — list of live segment ids, oldest first; ``P:meta:S`` — hash with the next segment id;
+* per segment ``G`` (at most ``segment_size`` requests), the pre-aggregated fit data:
+  ``P:seg:S:G:sum`` — hash: ``n`` requests, ``removable`` and, for every edge ``k``, field ``k`` =
+  Σ over requests of the quantised removed fraction at ``EDGES[k]``;
+  ``P:seg:S:G:col:k`` — string: the quantised removed fraction at ``EDGES[k]`` of each request (uint16, in order);
+  ``P:seg:S:G:totals`` — string: entries per request (float64).
+
+A fit reads the sums (mean curve → τ), then one column per segment (bootstrap, p10/p90). Per-request fractions
+are quantised to 1/65535 (error <= 7.7e-6, far below the bin resolution). Retention: when a series holds more
+than ``max_requests`` the oldest whole segment is dropped; every key written expires ``retention_s`` after its
+last write. Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
+when the connection drops; Redis has no rollback for commands failing inside EXEC, so key types are checked
+under WATCH first).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from calibrator.bins import NUM_EDGES
+from calibrator.curves import InMemoryCurves
+from calibrator.errors import StoreUnavailableError
+from calibrator.series import SeriesKey, unavailable
+from calibrator.summary import ScoreSummary
+
+QUANTUM = 65535  # uint16 full scale for a fraction in [0, 1]
+_MAX_WATCH_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_requests: int = 200_000  # per series; enforced by dropping whole segments
+    segment_size: int = 10_000
+    raw_max: int = 10_000  # raw stream length per series (approximate, as XADD MAXLEN ~)
+    retention_s: int = 7 * 24 * 3600
+
+    @property
+    def max_segments(self) -> int:
+        return max(1, -(-self.max_requests // self.segment_size))
+
+
+@dataclass
+class _Keys:
+    prefix: str
+
+    def series_set(self) -> str:
+        return f"{self.prefix}series"
+
+    def raw(self, s: SeriesKey) -> str:
+        return f"{self.prefix}raw:{s.encode()}"
+
+    def segs(self, s: SeriesKey) -> str:
+        return f"{self.prefix}segs:{s.encode()}"
+
+    def meta(self, s: SeriesKey) -> str:
+        return f"{self.prefix}meta:{s.encode()}"
+
+    def seg(self, s: SeriesKey, sid: int) -> str:
+        return f"{self.prefix}seg:{s.encode()}:{sid}"
+
+    def seg_keys(self, s: SeriesKey, sid: int) -> list[str]:
+        base = self.seg(s, sid)
+        return [f"{base}:sum", f"{base}:totals", *(f"{base}:col:{k}" for k in range(NUM_EDGES))]
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Quantised fit data of a group of summaries: ``quantised`` [B, NUM_EDGES] uint16, ``totals`` [B] float64,
+    ``removable`` [B] uint16."""
+
+    quantised: np.ndarray
+    totals: np.ndarray
+    removable: np.ndarray
+    raw_json: list[bytes]
+
+    @classmethod
+    def of(cls, summaries: Sequence[ScoreSummary]) -> _Rows:
+        dense = InMemoryCurves.from_summaries(summaries)
+        return cls(
+            quantised=np.rint(dense.curves * QUANTUM).astype(np.uint16),
+            totals=dense.totals.astype(np.float64),
+            removable=np.rint(dense.removable * QUANTUM).astype(np.uint16),
+            raw_json=[s.model_dump_json(exclude_defaults=False).encode() for s in summaries],
+        )
+
+
+@dataclass
+class StoredCurves:
+    """``RequestCurves`` over a snapshot of stored segments (see the module docstring)."""
+
+    client: redis.Redis
+    segments: list[tuple[str, int]]  # (segment key base, requests in it at snapshot time)
+    sums: np.ndarray  # [NUM_EDGES] int64, Σ quantised fractions over all snapshot requests
+    removable_sum: int
+    _totals: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def num_requests(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def mean_curve(self) -> np.ndarray:
+        return self.sums / (QUANTUM * max(self.num_requests, 1))
+
+    def mean_removable(self) -> float:
+        return self.removable_sum / (QUANTUM * max(self.num_requests, 1))
+
+    def ratios_at(self, edge: int) -> np.ndarray:
+        raw = self._read([f"{base}:col:{edge}" for base, _ in self.segments], np.uint16)
+        return raw.astype(np.float64) / QUANTUM
+
+    def total_entries(self) -> np.ndarray:
+        if self._totals is None:
+            self._totals = self._read([f"{base}:totals" for base, _ in self.segments], np.float64)
+        return self._totals
+
+    def _read(self, keys: list[str], dtype: type) -> np.ndarray:
+        try:
+            blobs = self.client.pipeline(transaction=False)
+            for key in keys:
+                blobs.get(key)
+            values = blobs.execute()
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        parts = []
+        for blob, (base, n) in zip(values, self.segments):
+            column = np.frombuffer(blob or b"", dtype=dtype)[:n]  # later appends are past n: ignored
+            if len(column) < n:
+                raise StoreUnavailableError(f"segment {base} was dropped during the read; retry the request")
+            parts.append(column)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+class SampleStore:
+    """Ingest summaries and serve fit data, in Redis under ``prefix``."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "kvzap:", limits: StoreLimits | None = None) -> None:
+        self.client = client
+        self.keys = _Keys(prefix)
+        self.limits = limits or StoreLimits()
+
+    # ---- writes -------------------------------------------------------------------------------------------
+    def ingest(self, summaries: Iterable[ScoreSummary]) -> int:
+        """Store a batch atomically; returns how many summaries were stored. Raises StoreUnavailableError."""
+        groups: dict[SeriesKey, list[ScoreSummary]] = defaultdict(list)
+        for summary in summaries:
+            groups[SeriesKey(summary.model, summary.task, summary.tenant)].append(summary)
+        rows = {series: _Rows.of(items) for series, items in groups.items()}
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_MAX_WATCH_RETRIES):
+                    try:
+                        self._ingest_once(pipe, rows)
+                        return sum(len(items) for items in groups.values())
+                    except redis.WatchError:
+                        continue
+            raise StoreUnavailableError("too much concurrent ingestion on the same series; nothing was written")
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+
+    def _ingest_once(self, pipe: redis.client.Pipeline, rows: dict[SeriesKey, _Rows]) -> None:
+        plans = {}
+        for series in rows:  # immediate-mode reads under WATCH
+            pipe.watch(self.keys.segs(series), self.keys.meta(series), self.keys.raw(series))
+            self._check_types(pipe, series)
+            segment_ids = [int(x) for x in pipe.lrange(self.keys.segs(series), 0, -1)]
+            next_sid = int(pipe.hget(self.keys.meta(series), "next_sid") or 0)
+            open_count = 0
+            if segment_ids:
+                pipe.watch(f"{self.keys.seg(series, segment_ids[-1])}:sum")
+                open_count = int(pipe.hget(f"{self.keys.seg(series, segment_ids[-1])}:sum", "n") or 0)
+            plans[series] = (segment_ids, next_sid, open_count)
+        pipe.multi()
+        for series, data in rows.items():
+            self._write_series(pipe, series, data, *plans[series])
+        pipe.execute()
+
+    def _check_types(self, pipe: redis.client.Pipeline, series: SeriesKey) -> None:
+        """Redis has no rollback: a command failing inside EXEC (WRONGTYPE) would leave the others applied, so
+        foreign data under our keys is refused before MULTI."""
+        for key, expected in ((self.keys.raw(series), b"stream"), (self.keys.segs(series), b"list"),
+                              (self.keys.meta(series), b"hash")):
+            found = pipe.type(key)
+            if found not in (b"none", expected):
+                raise StoreUnavailableError(
+                    f"key {key} holds a {found.decode()}, expected a {expected.decode()}; nothing was written"
+                )
+
+    def _write_series(
+        self, pipe: redis.client.Pipeline, series: SeriesKey, data: _Rows, segment_ids: list[int], next_sid: int,
+        open_count: int,
+    ) -> None:
+        limits, ttl = self.limits, self.limits.retention_s
+        start = 0
+        while start < len(data.totals):
+            if not segment_ids or open_count >= limits.segment_size:
+                segment_ids.append(next_sid)
+                pipe.rpush(self.keys.segs(series), next_sid)
+                next_sid += 1
+                open_count = 0
+            stop = min(len(data.totals), start + limits.segment_size - open_count)
+            self._append(pipe, self.keys.seg(series, segment_ids[-1]), data, slice(start, stop))
+            open_count += stop - start
+            start = stop
+        while len(segment_ids) > limits.max_segments:  # retention by count: drop the oldest whole segment
+            oldest = segment_ids.pop(0)
+            pipe.lpop(self.keys.segs(series))
+            pipe.unlink(*self.keys.seg_keys(series, oldest))
+        pipe.hset(self.keys.meta(series), "next_sid", next_sid)
+        for key in (self.keys.segs(series), self.keys.meta(series)):
+            pipe.expire(key, ttl)
+        for raw in data.raw_json:
+            pipe.xadd(self.keys.raw(series), {"s": raw}, maxlen=limits.raw_max, approximate=True)
+        pipe.expire(self.keys.raw(series), ttl)
+        pipe.sadd(self.keys.series_set(), series.encode())
+
+    def _append(self, pipe: redis.client.Pipeline, base: str, data: _Rows, rows: slice) -> None:
+        ttl = self.limits.retention_s
+        columns = np.ascontiguousarray(data.quantised[rows].T)  # [NUM_EDGES, rows]
+        sums = columns.sum(axis=1, dtype=np.int64)
+        for k in range(NUM_EDGES):
+            key = f"{base}:col:{k}"
+            pipe.append(key, columns[k].tobytes())
+            pipe.expire(key, ttl)
+        for k in range(NUM_EDGES):
+            pipe.hincrby(f"{base}:sum", str(k), int(sums[k]))
+        pipe.hincrby(f"{base}:sum", "n", rows.stop - rows.start)
+        pipe.hincrby(f"{base}:sum", "removable", int(data.removable[rows].sum(dtype=np.int64)))
+        pipe.expire(f"{base}:sum", ttl)
+        pipe.append(f"{base}:totals", data.totals[rows].tobytes())
+        pipe.expire(f"{base}:totals", ttl)
+
+    # ---- reads --------------------------------------------------------------------------------------------
+    def series(self) -> list[SeriesKey]:
+        """Every series that has stored samples (expired ones are pruned from the index lazily)."""
+        try:
+            members = self.client.smembers(self.keys.series_set())
+            series = sorted((SeriesKey.decode(m) for m in members), key=SeriesKey.sort_key)
+            alive = self._alive(series)
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        dead = [s.encode() for s, ok in zip(series, alive) if not ok]
+        if dead:
+            try:
+                self.client.srem(self.keys.series_set(), *dead)
+            except redis.RedisError:
+                pass  # lazy clean-up only; the read result is already correct
+        return [s for s, ok in zip(series, alive) if ok]
+
+    def _alive(self, series: list[SeriesKey]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for s in series:
+            pipe.exists(self.keys.segs(s))
+        return [bool(x) for x in pipe.execute()]
+
+    def models(self) -> set[str]:
+        return {s.model for s in self.series()}
+
+    def curves(self, model: str, task: str, tenant: str | None = None) -> StoredCurves:
+        """Fit data of (model, task, tenant); ``tenant=None`` pools every tenant's samples of (model, task)."""
+        wanted = [s for s in self.series() if s.model == model and s.task == task and (tenant is None or s.tenant == tenant)]
+        try:
+            listing = self.client.pipeline(transaction=False)
+            for s in wanted:
+                listing.lrange(self.keys.segs(s), 0, -1)
+            bases = [self.keys.seg(s, int(sid)) for s, ids in zip(wanted, listing.execute()) for sid in ids]
+            snapshot = self.client.pipeline(transaction=True)  # one MULTI: sums of all segments at one instant
+            for base in bases:
+                snapshot.hgetall(f"{base}:sum")
+            sums_per_segment = snapshot.execute()
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        sums = np.zeros(NUM_EDGES, dtype=np.int64)
+        segments, removable = [], 0
+        for base, fields in zip(bases, sums_per_segment):
+            n = int(fields.get(b"n", 0))
+            if n == 0:
+                continue  # expired segment still listed
+            sums += np.array([int(fields.get(str(k).encode(), 0)) for k in range(NUM_EDGES)], dtype=np.int64)
+            removable += int(fields.get(b"removable", 0))
+            segments.append((base, n))
+        return StoredCurves(self.client, segments, sums, removable)
+
+    def raw(self, series: SeriesKey, count: int = 100) -> list[ScoreSummary]:
+        """The most recent ``count`` raw summaries of a series, newest first."""
+        try:
+            entries = self.client.xrevrange(self.keys.raw(series), count=count)
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        return [ScoreSummary.model_validate_json(fields[b"s"]) for _, fields in entries]

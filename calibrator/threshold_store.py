@@ -1,0 +1,73 @@
+"""Current τ per (model, task[, tenant]) in one Redis hash, shared by the service (writes) and the plugin's
+``ThresholdWatcher`` (reads). A tenant's entry overrides the (model, task) entry for that tenant."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from calibrator.errors import ThresholdNotFoundError
+from calibrator.series import SeriesKey, unavailable
+
+
+class ThresholdRecord(BaseModel):
+    model: str
+    task: str
+    tenant: str | None = None
+    tau: float = Field(allow_inf_nan=False)
+    source: Literal["calibrated", "manual"]
+    target_ratio: float | None = None
+    predicted_removed_fraction: float | None = None
+    n_requests: int | None = None
+    updated_at: float = Field(default_factory=time.time)
+    updated_by: str | None = None
+
+    @property
+    def series(self) -> SeriesKey:
+        return SeriesKey(self.model, self.task, self.tenant)
+
+
+class ThresholdStore:
+    def __init__(self, client: redis.Redis, prefix: str = "kvzap:") -> None:
+        self.client = client
+        self.hash_key = f"{prefix}thresholds"
+
+    def put(self, record: ThresholdRecord) -> None:
+        try:
+            self.client.hset(self.hash_key, record.series.encode(), record.model_dump_json())
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+
+    def get(self, series: SeriesKey) -> ThresholdRecord:
+        """The record stored for exactly this series; ThresholdNotFoundError if none."""
+        try:
+            raw = self.client.hget(self.hash_key, series.encode())
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        if raw is None:
+            raise ThresholdNotFoundError(f"no threshold stored for {series}")
+        return ThresholdRecord.model_validate_json(raw)
+
+    def resolve(self, model: str, task: str, tenant: str | None = None) -> ThresholdRecord:
+        """The tenant's own τ when there is one, else the (model, task) τ."""
+        candidates = [SeriesKey(model, task, tenant)] + ([SeriesKey(model, task)] if tenant is not None else [])
+        try:
+            raws = self.client.hmget(self.hash_key, [c.encode() for c in candidates])
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        for raw in raws:
+            if raw is not None:
+                return ThresholdRecord.model_validate_json(raw)
+        raise ThresholdNotFoundError(f"no threshold stored for {candidates[0]} or its (model, task)")
+
+    def list(self, model: str | None = None, task: str | None = None) -> list[ThresholdRecord]:
+        try:
+            raws = self.client.hvals(self.hash_key)
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        records = [ThresholdRecord.model_validate_json(raw) for raw in raws]
+        keep = [r for r in records if (model is None or r.model == model) and (task is None or r.task == task)]
+        return sorted(keep, key=lambda r: r.series.sort_key())

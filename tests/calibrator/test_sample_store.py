@@ -1,0 +1,90 @@
+"""The Redis layout gives the same fit as the in-memory curves, stays bounded and writes all-or-nothing."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from calibrator import InMemoryCurves, StoreUnavailableError, fit_threshold, summarize
+from calibrator.sample_store import SampleStore, StoreLimits
+from calibrator.series import SeriesKey, connect
+
+
+def _summaries(n, mu=-6.0, tenant=None, task="t", seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        summarize(rng.normal(mu, 2.0, size=(3, 2, 400)).astype(np.float32), 32, model="m", task=task, tenant=tenant)
+        for _ in range(n)
+    ]
+
+
+def test_stored_fit_matches_in_memory_fit(redis_client, prefix):
+    store = SampleStore(redis_client, prefix, StoreLimits(segment_size=16))
+    summaries = _summaries(50)
+    store.ingest(summaries[:20])
+    store.ingest(summaries[20:])
+    stored = store.curves("m", "t")
+    memory = InMemoryCurves.from_summaries(summaries)
+    assert stored.num_requests == 50 and [n for _, n in stored.segments] == [16, 16, 16, 2]
+    np.testing.assert_allclose(stored.mean_curve(), memory.mean_curve(), atol=1 / 65535)
+    np.testing.assert_allclose(stored.ratios_at(300), memory.ratios_at(300), atol=0.5 / 65535)
+    np.testing.assert_array_equal(stored.total_entries(), memory.total_entries())
+    a = fit_threshold(stored, 0.6, bootstrap_resamples=100)
+    b = fit_threshold(memory, 0.6, bootstrap_resamples=100)
+    assert a.tau == b.tau and a.n_requests == b.n_requests == 50
+    assert a.predicted_removed_fraction == pytest.approx(b.predicted_removed_fraction, abs=1e-5)
+    assert store.raw(SeriesKey("m", "t"), count=3) == summaries[-1:-4:-1]
+
+
+def test_series_are_separated_and_pooled_per_tenant(redis_client, prefix):
+    store = SampleStore(redis_client, prefix)
+    store.ingest(_summaries(5, tenant="acme") + _summaries(7, tenant="beta", mu=-4) + _summaries(3, task="code"))
+    assert store.curves("m", "t", "acme").num_requests == 5
+    assert store.curves("m", "t", "beta").num_requests == 7
+    assert store.curves("m", "t").num_requests == 12  # no tenant: every tenant of (model, task)
+    assert store.curves("m", "code").num_requests == 3
+    assert store.curves("other", "t").num_requests == 0
+    assert store.models() == {"m"}
+    assert {str(s) for s in store.series()} == {"m/t (tenant acme)", "m/t (tenant beta)", "m/code"}
+
+
+def test_oldest_segments_are_dropped_and_raw_stream_capped(redis_client, prefix):
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=20, segment_size=10, raw_max=15))
+    for seed in range(5):
+        store.ingest(_summaries(10, seed=seed))
+    curves = store.curves("m", "t")
+    assert curves.num_requests == 20
+    assert [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["3", "4"]
+    assert not redis_client.exists(f"{prefix}seg:m:t:*:0:sum", f"{prefix}seg:m:t:*:0:col:5")
+    assert redis_client.xlen(f"{prefix}raw:m:t:*") <= 15 + 100  # MAXLEN ~ trims by whole stream nodes
+    assert 0 < redis_client.ttl(f"{prefix}seg:m:t:*:4:col:7") <= StoreLimits().retention_s
+
+
+def test_retention_expires_samples(redis_client, prefix):
+    store = SampleStore(redis_client, prefix, StoreLimits(retention_s=1))
+    store.ingest(_summaries(3))
+    assert store.curves("m", "t").num_requests == 3
+    time.sleep(1.3)
+    assert store.curves("m", "t").num_requests == 0
+    assert store.series() == []
+
+
+def test_redis_down_raises_a_typed_error(closed_port_url):
+    store = SampleStore(connect(closed_port_url, timeout_s=0.5), "x:")
+    with pytest.raises(StoreUnavailableError, match="Redis is unavailable"):
+        store.ingest(_summaries(1))
+    with pytest.raises(StoreUnavailableError):
+        store.curves("m", "t")
+
+
+def test_a_failing_batch_writes_nothing(redis_client, prefix):
+    """Foreign data under one of the batch's keys (a real WRONGTYPE situation) refuses the whole batch."""
+    store = SampleStore(redis_client, prefix)
+    store.ingest(_summaries(2, task="good"))
+    redis_client.set(f"{prefix}raw:m:bad:*", "not a stream")
+    with pytest.raises(StoreUnavailableError, match="holds a string, expected a stream; nothing was written"):
+        store.ingest(_summaries(2, task="good", seed=1) + _summaries(2, task="bad"))
+    assert store.curves("m", "good").num_requests == 2
+    assert not redis_client.exists(f"{prefix}segs:m:bad:*")

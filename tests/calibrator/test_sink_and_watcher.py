@@ -1,0 +1,108 @@
+"""Plugin-side pieces against the real Redis, including Redis going away (a closed port, not a mock)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from calibrator import summarize
+from calibrator.sample_store import SampleStore
+from calibrator.series import SeriesKey, connect
+from calibrator.sink import SampleSink
+from calibrator.threshold_store import ThresholdRecord, ThresholdStore
+from calibrator.watcher import ThresholdWatcher
+
+
+def _summary(i: int):
+    scores = np.random.default_rng(i).normal(-6, 2, size=(2, 2, 64)).astype(np.float32)
+    return summarize(scores, 16, model="m", task="t", tenant="acme")
+
+
+def test_sink_ships_batches_to_redis(redis_client, prefix):
+    store = SampleStore(redis_client, prefix)
+    sink = SampleSink(store.ingest, batch_size=8, flush_interval_s=0.05)
+    assert all(sink.offer(_summary(i)) for i in range(30))
+    assert sink.flush(10.0)
+    sink.close()
+    assert sink.counters.sent == 30 and sink.counters.dropped_full == sink.counters.dropped_send_error == 0
+    assert store.curves("m", "t", "acme").num_requests == 30
+
+
+def test_sink_never_blocks_and_counts_drops():
+    release = threading.Event()
+    sent = []
+
+    def slow_transport(batch):  # a real slow consumer: holds the sender thread until released
+        release.wait(10)
+        sent.extend(batch)
+
+    sink = SampleSink(slow_transport, max_queue=4, batch_size=1, flush_interval_s=0.01)
+    start = time.perf_counter()
+    accepted = [sink.offer(_summary(i)) for i in range(50)]
+    assert time.perf_counter() - start < 0.5  # offer returns at once even though the consumer is stuck
+    assert sum(accepted) <= 5 and sink.counters.dropped_full == 50 - sum(accepted)
+    release.set()
+    assert sink.flush(10.0)
+    sink.close()
+    assert len(sent) == sum(accepted) == sink.counters.sent
+
+
+def test_sink_drops_with_a_counter_when_redis_is_down(closed_port_url):
+    store = SampleStore(connect(closed_port_url, timeout_s=0.2), "x:")
+    sink = SampleSink(store.ingest, batch_size=4, flush_interval_s=0.01)
+    for i in range(10):
+        sink.offer(_summary(i))
+    assert sink.flush(10.0)
+    sink.close()
+    assert sink.counters.sent == 0 and sink.counters.dropped_send_error == 10
+
+
+def test_sampling_decision_is_deterministic_and_proportional():
+    sink = SampleSink(lambda batch: None, sample_fraction=0.25)
+    decisions = [sink.wants(f"req-{i}") for i in range(4000)]
+    sink.close()
+    assert decisions == [sink.wants(f"req-{i}") for i in range(4000)]
+    assert 0.22 < np.mean(decisions) < 0.28
+
+
+def test_watcher_follows_updates_and_prefers_the_tenant_entry(redis_client, prefix):
+    thresholds = ThresholdStore(redis_client, prefix)
+    changes = []
+    watcher = ThresholdWatcher(thresholds, "m", "t", "acme", default_tau=-5.0, poll_interval_s=0.02,
+                               on_change=lambda tau, record: changes.append(tau))
+    assert watcher.refresh() is False and watcher.tau == -5.0  # nothing stored yet: the default stays
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-7.0, source="manual"))
+    watcher.start()
+    try:
+        _wait(lambda: watcher.tau == -7.0)
+        thresholds.put(ThresholdRecord(model="m", task="t", tenant="acme", tau=-6.5, source="calibrated"))
+        _wait(lambda: watcher.tau == -6.5)
+        thresholds.put(ThresholdRecord(model="m", task="t", tenant="other", tau=-1.0, source="manual"))
+        time.sleep(0.1)
+        assert watcher.tau == -6.5
+    finally:
+        watcher.stop()
+    assert changes == [-7.0, -6.5]
+    assert watcher.record.series == SeriesKey("m", "t", "acme")
+
+
+def test_watcher_keeps_the_last_tau_when_redis_goes_away(redis_client, prefix, closed_port_url):
+    thresholds = ThresholdStore(redis_client, prefix)
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-4.25, source="manual"))
+    watcher = ThresholdWatcher(thresholds, "m", "t")
+    assert watcher.refresh() is True and watcher.tau == -4.25
+    watcher.store = ThresholdStore(connect(closed_port_url, timeout_s=0.2), prefix)  # Redis is gone
+    assert watcher.refresh() is False
+    assert watcher.tau == -4.25 and watcher.failures == 1 and "unavailable" in watcher.last_error
+    watcher.store = thresholds  # back again
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-3.0, source="manual"))
+    assert watcher.refresh() is True and watcher.tau == -3.0 and watcher.failures == 0
+
+
+def _wait(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
