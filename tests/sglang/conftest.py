@@ -1,0 +1,137 @@
+"""Fixtures that run the real SGLang engine / HTTP server on CPU with SmolLM2 (the CPU recipe of environment.md §7).
+
+Each test module starts at most one engine or server (≈15–25 s on 2 cores) and shuts it down at module end;
+no engine is left idle. KVzap settings travel to SGLang's spawned scheduler through the environment
+(`kvzap_sglang.plugin.settings`), so fixtures restore the environment afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # is_cpu() reads it; without it the model build fails on vllm ops
+
+pytestmark = pytest.mark.engine
+
+# Smallest settings that start reliably: bf16 (≈3x faster prefill with AMX), a small pool, no warm-up request.
+CPU_ENGINE_ARGS = dict(
+    device="cpu",
+    attention_backend="torch_native",
+    disable_cuda_graph=True,
+    dtype="bfloat16",
+    page_size=1,
+    max_total_tokens=8192,
+    mem_fraction_static=0.3,
+    skip_server_warmup=True,
+    random_seed=0,
+    log_level="error",
+)
+
+CPU_SERVER_FLAGS = [
+    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
+    "--page-size", "1", "--max-total-tokens", "8192", "--mem-fraction-static", "0.3", "--skip-server-warmup",
+    "--random-seed", "0", "--log-level", "warning", "--host", "127.0.0.1",
+]  # fmt: skip
+
+
+@contextmanager
+def kvzap_env_restored():
+    """Undo the KVZAP_* variables an Engine(kvzap_...=...) call exports for its scheduler process."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("KVZAP_")}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith("KVZAP_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+@contextmanager
+def running_engine(model_path: Path, **overrides):
+    """A real `sglang.Engine` on CPU; always shut down."""
+    import sglang
+
+    with kvzap_env_restored():
+        engine = sglang.Engine(model_path=str(model_path), **{**CPU_ENGINE_ARGS, **overrides})
+        try:
+            yield engine
+        finally:
+            engine.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: float = 180.0):
+    """`python -m sglang.launch_server` on CPU as a child process; yields its base URL; always terminated."""
+    import requests
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *CPU_SERVER_FLAGS,
+           "--port", str(port), *extra_flags]  # fmt: skip
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become healthy in time")
+            time.sleep(1.0)
+        yield url
+    finally:
+        proc.terminate()  # SIGTERM: SGLang drains and kills its scheduler/detokenizer children
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def hf_greedy_ids(model_path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation with HF transformers (bf16, SDPA), the reference SGLang must match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+# Test modules cannot import this conftest (pytest imports it under its own name), so the helpers are fixtures.
+@pytest.fixture(scope="session")
+def engine_factory():
+    return running_engine
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    return running_server
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    return hf_greedy_ids
