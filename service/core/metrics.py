@@ -1,0 +1,50 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvzap_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("kvzap_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+                                 registry=self.registry)
+        self.samples_ingested = Counter("kvzap_samples_ingested", "score summaries stored", registry=self.registry)
+        self.calibrations = Counter("kvzap_calibrations", "calibration attempts", ["outcome"], registry=self.registry)
+        self.errors = Counter("kvzap_errors", "responses with status >= 400", ["code"], registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times every request by its route template (never by raw path: bounded label cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(str(status)).inc()

@@ -1,0 +1,143 @@
+"""End-to-end HTTP behaviour of the service (TestClient + real Redis)."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+
+ADMIN = {"X-API-Key": "test-admin-key"}
+ACME = {"X-API-Key": "test-acme-key"}
+BETA = {"X-API-Key": "test-beta-key"}
+
+
+def test_ingest_calibrate_and_read_back(api, make_summaries):
+    response = api.post("/samples", json={"samples": make_summaries(40)}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"stored": 40, "series": ["m/t"]}
+    response = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.75}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    report, record = body["report"], body["threshold"]
+    assert abs(report["tau"] - (-6.0 + 2.0 * NormalDist().inv_cdf(0.75))) < 0.08
+    assert abs(report["predicted_removed_fraction"] - 0.75) < 0.01
+    assert report["ci_low"] <= report["predicted_removed_fraction"] <= report["ci_high"]
+    assert report["p10"] <= report["predicted_removed_fraction"] <= report["p90"]
+    assert report["n_requests"] == 40
+    assert record["tau"] == report["tau"] and record["source"] == "calibrated" and record["target_ratio"] == 0.75
+    got = api.get("/thresholds/m/t", headers=ADMIN)
+    assert got.status_code == 200 and got.json()["tau"] == report["tau"]
+    assert [r["tau"] for r in api.get("/thresholds", params={"model": "m"}, headers=ADMIN).json()] == [report["tau"]]
+
+
+def test_model_ids_with_slashes_and_manual_thresholds(api, make_summaries):
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert api.post("/samples", json={"samples": make_summaries(2, model=model)}, headers=ADMIN).status_code == 200
+    put = api.put(f"/thresholds/{model}/t", json={"tau": -5.5}, headers=ADMIN)
+    assert put.status_code == 200, put.text
+    assert put.json()["source"] == "manual"
+    assert api.get(f"/thresholds/{model}/t", headers=ADMIN).json()["tau"] == -5.5
+    assert api.put("/thresholds/configured-model/code", json={"tau": -2}, headers=ADMIN).status_code == 200
+
+
+def test_tenant_keys_touch_only_their_tenant(api, make_summaries):
+    assert api.post("/samples", json={"samples": make_summaries(25, tenant="beta")}, headers=ACME).status_code == 403
+    ok = api.post("/samples", json={"samples": make_summaries(25)}, headers=ACME)  # no tenant: attributed to acme
+    assert ok.status_code == 200 and ok.json()["series"] == ["m/t (tenant acme)"]
+    assert api.post("/samples", json={"samples": make_summaries(25, tenant="beta", mu=-3)}, headers=BETA).status_code == 200
+
+    other = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5, "tenant": "beta"}, headers=ACME)
+    assert other.status_code == 403 and "tenant 'acme'" in other.json()["detail"]
+    own = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ACME)
+    assert own.status_code == 200 and own.json()["threshold"]["tenant"] == "acme"
+    assert own.json()["report"]["n_requests"] == 25  # acme's requests only
+    pooled = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert pooled.json()["report"]["n_requests"] == 50 and pooled.json()["threshold"]["tenant"] is None
+
+    assert api.put("/thresholds/m/t", params={"tenant": "acme"}, json={"tau": -1}, headers=BETA).status_code == 403
+    assert api.put("/thresholds/m/t", json={"tau": -4}, headers=BETA).json()["tenant"] == "beta"
+    assert {r["tenant"] for r in api.get("/thresholds", headers=ACME).json()} == {"acme"}
+    assert {r["tenant"] for r in api.get("/thresholds", headers=ADMIN).json()} == {None, "acme", "beta"}
+    assert api.get("/thresholds/m/t", headers=BETA).json()["tau"] == -4  # its own entry, not the global one
+    assert api.get("/thresholds/m/t", params={"tenant": "beta"}, headers=ACME).status_code == 403
+
+
+def test_missing_or_invalid_keys_are_refused_with_a_reason(api, make_summaries):
+    for headers, status, reason in [({}, 401, "X-API-Key"), ({"X-API-Key": "nope"}, 401, "invalid API key")]:
+        for method, path, body in [("POST", "/samples", {"samples": make_summaries(1)}),
+                                   ("POST", "/calibrate", {"model": "m", "task": "t", "target_ratio": 0.5}),
+                                   ("PUT", "/thresholds/m/t", {"tau": 1.0}), ("GET", "/thresholds", None)]:
+            response = api.request(method, path, json=body, headers=headers)
+            assert response.status_code == status, (method, path, response.text)
+            assert reason in response.json()["detail"]
+            assert response.json()["error"] == "unauthorized"
+
+
+def test_bad_input_gets_a_clear_4xx(api, make_summaries):
+    api.post("/samples", json={"samples": make_summaries(5)}, headers=ADMIN)
+    cases = [
+        ("/calibrate", {"model": "m", "task": "t", "target_ratio": 1.0}, 422, "less than 1"),
+        ("/calibrate", {"model": "m", "task": "t", "target_ratio": -0.1}, 422, "greater than or equal to 0"),
+        ("/calibrate", {"model": "ghost", "task": "t", "target_ratio": 0.5}, 404, "unknown model 'ghost'"),
+        ("/calibrate", {"model": "m", "task": "t", "target_ratio": 0.5}, 422, "5 sampled requests for m/t, at least 20"),
+        ("/calibrate", {"model": "configured-model", "task": "t", "target_ratio": 0.5}, 422, "0 sampled requests"),
+        ("/samples", {"samples": []}, 422, "at least 1 item"),
+        ("/samples", {"samples": make_summaries(51)}, 413, "exceeds max_batch_size 50"),
+        ("/samples", {"samples": [{**make_summaries(1)[0], "counts": [1]}]}, 422, "differ in length"),
+    ]
+    for path, body, status, message in cases:
+        response = api.post(path, json=body, headers=ADMIN)
+        assert response.status_code == status, (body, response.text)
+        assert message in response.text, response.text
+    empty = api.post("/samples", content=b"", headers={**ADMIN, "content-type": "application/json"})
+    assert empty.status_code == 422
+    huge = api.post("/samples", content=b"x" * 2_000_001, headers={**ADMIN, "content-type": "application/json"})
+    assert huge.status_code == 413 and "exceeds the limit of 2000000 bytes" in huge.json()["detail"]
+    assert api.put("/thresholds/ghost/t", json={"tau": 1}, headers=ADMIN).status_code == 404
+    assert api.get("/thresholds/m/never", headers=ADMIN).status_code == 404
+
+
+def test_unreachable_target_says_what_is_achievable(api, make_summaries):
+    # 300 tokens with a 200-token window: at most a third of the entries can ever be removed.
+    api.post("/samples", json={"samples": make_summaries(20, window=200)}, headers=ADMIN)
+    response = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "target_unreachable" and abs(body["achievable_max"] - 1 / 3) < 1e-3
+    assert "protected window alone keeps 0.667" in body["detail"]
+    assert api.get("/thresholds/m/t", headers=ADMIN).status_code == 404  # nothing stored on failure
+
+
+def test_redis_down_gives_503_and_the_app_keeps_serving(make_settings, closed_port_url, make_summaries):
+    with TestClient(create_app(make_settings(redis_url=closed_port_url, redis_timeout_s=0.5))) as api:
+        for method, path, body in [("POST", "/samples", {"samples": make_summaries(1)}),
+                                   ("POST", "/calibrate", {"model": "configured-model", "task": "t", "target_ratio": 0.5}),
+                                   ("GET", "/thresholds", None), ("PUT", "/thresholds/configured-model/t", {"tau": 1})]:
+            response = api.request(method, path, json=body, headers=ADMIN)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error"] == "store_unavailable" and "Redis is unavailable" in response.json()["detail"]
+        health = api.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert api.get("/metrics").status_code == 200
+
+
+def test_health_metrics_and_docs(api, make_summaries):
+    assert api.get("/healthz").json() == {"status": "ok", "redis": "ok"}
+    api.post("/samples", json={"samples": make_summaries(3)}, headers=ADMIN)
+    api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    text = api.get("/metrics").text
+    assert "kvzap_samples_ingested_total 3.0" in text
+    assert 'kvzap_calibrations_total{outcome="too_few_samples"} 1.0' in text
+    assert 'kvzap_http_requests_total{method="POST",route="/samples",status="200"} 1.0' in text
+    assert 'kvzap_errors_total{code="422"} 1.0' in text
+    assert "kvzap_http_request_duration_seconds_bucket" in text
+    assert api.get("/docs").status_code == 200
+    assert "/calibrate" in api.get("/openapi.json").json()["paths"]
+
+
+def test_public_reads_setting(make_settings, make_summaries):
+    with TestClient(create_app(make_settings(public_reads=True))) as api:
+        assert api.get("/thresholds").status_code == 200
+        assert api.post("/samples", json={"samples": make_summaries(1)}).status_code == 401
