@@ -1,0 +1,77 @@
+"""The SGLang adapter: the only package of kvzap-sglang that imports SGLang.
+
+``register()`` is the ``sglang.srt.plugins`` entry point ``kvzap``; SGLang runs it in every process it starts
+(launcher, scheduler, detokenizer), before building ``ServerArgs`` and models. It always installs the start-up
+surface (``--kvzap-*`` flags, ``sglang.Engine(kvzap_...=...)``, the ``meta_info`` unwrapping), which does nothing
+while KVzap is off. The serving hooks (cell pool, scoring, attention backend, per-request figures) are installed
+only in processes whose environment says KVzap is on (``settings.KVzapSettings.from_env``), so a server without
+``--kvzap-threshold`` runs stock SGLang code paths.
+
+Modules: ``settings`` (flags/env/validation), ``launch`` (CLI + Engine + fail-fast checks), ``cell_pool`` (KV pool
+and slot allocator on the cell store), ``runtime`` (per-process state, scoring + DMS decisions), ``hooks`` (pool
+builder and attention-layer seams), ``attention_backend`` (torch attention over cells), ``reporting``
+(meta_info, /server_info, /metrics).
+"""
+
+from __future__ import annotations
+
+import sys
+
+_registered = False
+
+
+def register() -> None:
+    """Entry point of group ``sglang.srt.plugins`` (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from kvzap_sglang.plugin import launch, reporting
+    from kvzap_sglang.plugin.settings import KVzapSettings
+
+    if "kvzap_torch" not in ATTENTION_BACKEND_CHOICES:
+        ATTENTION_BACKEND_CHOICES.append("kvzap_torch")  # add_attention_backend_choices; once per process
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", launch.add_cli_args, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", launch.from_cli_args, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+        reporting.unwrap_meta_info,
+        HookType.AROUND,
+    )
+    engine_module = sys.modules.get("sglang.srt.entrypoints.engine")
+    if engine_module is not None and not hasattr(engine_module.Engine.server_args_class, "kvzap_wraps"):
+        # Engine's documented override point for its ServerArgs class; accepts the kvzap_* keyword arguments.
+        engine_module.Engine.server_args_class = staticmethod(
+            launch.make_server_args_factory(engine_module.Engine.server_args_class)
+        )
+
+    if KVzapSettings.from_env() is not None:
+        _register_serving_hooks(HookRegistry, HookType)
+
+
+def _register_serving_hooks(HookRegistry, HookType) -> None:
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    from kvzap_sglang.plugin import hooks, reporting
+    from kvzap_sglang.plugin.attention_backend import create_kvzap_torch_backend
+
+    configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+    HookRegistry.register(f"{configurator}._build_mha_kv_pool", hooks.build_mha_kv_pool, HookType.AROUND)
+    HookRegistry.register(f"{configurator}._build_token_to_kv_pool_allocator", hooks.build_allocator, HookType.AROUND)
+    for target in hooks.ATTENTION_MODULES:
+        HookRegistry.register(target, hooks.score_after_attention, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", reporting.record_release, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer",
+        reporting.KvzapOutputStreamer,
+        HookType.REPLACE,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_internal_state", reporting.add_internal_state, HookType.AROUND
+    )
+    # KVzap on + CPU: the torch_native choice (required at launch) is served by the cell-store backend.
+    register_attention_backend("kvzap_torch")(create_kvzap_torch_backend)
+    register_attention_backend("torch_native")(create_kvzap_torch_backend)

@@ -1,0 +1,51 @@
+"""Scheduler-side seams: where the cell pool is built and where each layer's tokens are scored and pruned.
+
+* ``build_mha_kv_pool`` — AROUND ``KVCacheConfigurator._build_mha_kv_pool``: the configurator passes the pool class
+  as a keyword, so KVzap swaps in ``KvzapCellPool`` with every other argument as SGLang computed it, then installs
+  the runtime (loads and checks the surrogate against the model: a mismatch fails start-up).
+* ``build_allocator`` — AROUND ``KVCacheConfigurator._build_token_to_kv_pool_allocator``: the slot allocator of
+  the cell pool.
+* ``score_after_attention`` — AROUND ``{Llama,Qwen2,Qwen3}Attention.forward``: after the layer's attention (this
+  forward's K/V are in the cells), score the layer's post-norm inputs and prune window exits.
+"""
+
+from __future__ import annotations
+
+from kvzap_sglang.plugin import runtime
+from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
+from kvzap_sglang.plugin.settings import KVzapSettings
+
+ATTENTION_MODULES = (
+    "sglang.srt.models.llama.LlamaAttention.forward",
+    "sglang.srt.models.qwen2.Qwen2Attention.forward",
+    "sglang.srt.models.qwen3.Qwen3Attention.forward",
+)
+
+
+def build_mha_kv_pool(original, self, *args, mha_pool_class=None, **kwargs):
+    settings = KVzapSettings.from_env()
+    if settings is None:
+        return original(self, *args, mha_pool_class=mha_pool_class, **kwargs)
+    pool = original(self, *args, mha_pool_class=KvzapCellPool, **kwargs)
+    runtime.install(settings, pool.store, self.model_config.hf_config, pool.dtype, start_layer=pool.start_layer)
+    return pool
+
+
+def build_allocator(original, self, *args, sizes=None, token_to_kv_pool=None, **kwargs):
+    if not isinstance(token_to_kv_pool, KvzapCellPool):
+        return original(self, *args, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
+    return KvzapSlotAllocator(
+        sizes.max_total_num_tokens,
+        dtype=self.kv_cache_dtype,
+        device=self.device,
+        kvcache=token_to_kv_pool,
+        need_sort=False,
+    )
+
+
+def score_after_attention(original, self, positions=None, hidden_states=None, forward_batch=None, **kwargs):
+    out = original(self, positions=positions, hidden_states=hidden_states, forward_batch=forward_batch, **kwargs)
+    rt = runtime.current()
+    if rt is not None and forward_batch is not None and not forward_batch.forward_mode.is_idle():
+        rt.after_attention(self.attn.layer_id, hidden_states)
+    return out

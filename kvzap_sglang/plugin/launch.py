@@ -1,0 +1,143 @@
+"""Start-up side of the plugin: the ``--kvzap-*`` flags, ``sglang.Engine(kvzap_...=...)`` and fail-fast validation.
+
+Runs in the launching process only. Whatever the entry point, ``prepare_launch`` validates the settings against the
+served model (surrogate dims) and the server configuration KVzap supports, exports them for the spawned scheduler
+(``settings.KVzapSettings.export``) and returns the ``ServerArgs`` values KVzap needs:
+
+* ``disable_radix_cache=True`` — prefix sharing of pruned KV is issue #4; a tree holding slots whose cells were
+  pruned would break SGLang's idle pool invariant (../shared/notes/sglang-internals.md §3);
+* ``disable_overlap_schedule=True`` — with overlap, the scheduler frees finished requests' cells while the next
+  forward writes and prunes cells in another thread; the cell store is single-threaded by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from kvzap_sglang.plugin.settings import (
+    DEFAULT_SURROGATE,
+    KVzapConfigError,
+    KVzapSettings,
+    ModelDims,
+    clear_env,
+    parse_threshold,
+    parse_window,
+    resolve_surrogate,
+)
+from kvzap_sglang.policy import DEFAULT_WINDOW
+
+logger = logging.getLogger(__name__)
+
+ENGINE_KWARGS = ("kvzap_threshold", "kvzap_surrogate", "kvzap_window", "kvzap_no_decode")
+REQUIRED_SERVER_ARGS = {"disable_radix_cache": True, "disable_overlap_schedule": True}
+
+
+def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``settings`` for a server configured with ``server_values`` (ServerArgs field → value), export them,
+    and return the ServerArgs overrides KVzap needs.
+
+    Raises:
+        KVzapConfigError: with the reason, before any process is started.
+    """
+    device = server_values.get("device")
+    if device not in (None, "cpu"):
+        raise KVzapConfigError(f"KVzap's attention path runs on CPU in this version (device={device!r}); GPU: issue #7")
+    if server_values.get("attention_backend") not in (None, "torch_native"):
+        raise KVzapConfigError(
+            f"KVzap replaces the torch_native attention backend; got --attention-backend "
+            f"{server_values.get('attention_backend')!r}"
+        )
+    if int(server_values.get("page_size") or 1) != 1:
+        raise KVzapConfigError("KVzap frees single token entries and needs --page-size 1")
+    if server_values.get("speculative_algorithm"):
+        raise KVzapConfigError("KVzap does not support speculative decoding")
+    dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
+    resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch
+    overrides = {**REQUIRED_SERVER_ARGS, "attention_backend": "torch_native"}
+    logger.info("KVzap on (%s): setting %s", settings, overrides)
+    settings.export()
+    return overrides
+
+
+# ---------------------------------------------------------------------------- CLI (python -m sglang.launch_server)
+
+
+def _threshold_arg(text: str) -> float:
+    try:
+        return parse_threshold(text)
+    except KVzapConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _window_arg(text: str) -> int:
+    try:
+        return parse_window(text)
+    except KVzapConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_cli_args(original, parser: argparse.ArgumentParser):
+    """AROUND ``ServerArgs.add_cli_args``: SGLang's flags, then KVzap's (argparse exits 2 on a malformed value)."""
+    result = original(parser)
+    group = parser.add_argument_group("KVzap (kvzap-sglang plugin)")
+    group.add_argument("--kvzap-threshold", type=_threshold_arg, default=None, metavar="TAU",
+                       help="Enable KVzap: drop KV entries whose surrogate log-score is < TAU outside the window.")
+    group.add_argument("--kvzap-surrogate", default=DEFAULT_SURROGATE, metavar="linear|mlp|PATH",
+                       help="Surrogate: the bundled linear/mlp checkpoint for the served model, or a folder.")
+    group.add_argument("--kvzap-window", type=_window_arg, default=DEFAULT_WINDOW, metavar="N",
+                       help="Most recent tokens per request that are never pruned (default 128).")
+    group.add_argument("--kvzap-no-decode", action="store_true",
+                       help="Do not score tokens generated during decode (they are kept).")  # fmt: skip
+    return result
+
+
+def from_cli_args(original, cls, args: argparse.Namespace):
+    """AROUND ``ServerArgs.from_cli_args``: validate and export the KVzap flags, apply KVzap's required values."""
+    threshold = getattr(args, "kvzap_threshold", None)
+    if threshold is None:
+        clear_env()
+        return original(cls, args)
+    try:
+        settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode)
+        overrides = prepare_launch(settings, vars(args))
+    except KVzapConfigError as error:
+        print(f"sglang: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return original(cls, args)
+
+
+# ---------------------------------------------------------------------------- sglang.Engine(**kwargs)
+
+
+def make_server_args_factory(server_args_class):
+    """A drop-in for ``Engine.server_args_class`` that accepts the ``kvzap_*`` keyword arguments.
+
+    Without kvzap kwargs, the ``KVZAP_*`` environment decides (the documented config). ``kvzap_threshold=None``
+    explicitly switches KVzap off.
+    """
+
+    def server_args_with_kvzap(**kwargs):
+        given = {key: kwargs.pop(key) for key in ENGINE_KWARGS if key in kwargs}
+        if given and given.get("kvzap_threshold") is None:
+            clear_env()
+            return server_args_class(**kwargs)
+        if given:
+            settings = KVzapSettings(
+                threshold=given["kvzap_threshold"],
+                surrogate=given.get("kvzap_surrogate", DEFAULT_SURROGATE),
+                window=given.get("kvzap_window", DEFAULT_WINDOW),
+                score_decode=not given.get("kvzap_no_decode", False),
+            )
+        else:
+            settings = KVzapSettings.from_env()
+        if settings is not None:
+            kwargs.update(prepare_launch(settings, kwargs))
+        return server_args_class(**kwargs)
+
+    server_args_with_kvzap.kvzap_wraps = server_args_class
+    return server_args_with_kvzap

@@ -1,0 +1,119 @@
+"""Observability: per-request KVzap figures in ``/generate`` ``meta_info`` and server-wide totals.
+
+Path of the per-request figures (all SGLang extension points, no fork):
+
+1. ``release_kv_cache`` (scheduler, BEFORE hook) — the request's slots still hold their cells: count them
+   (``cells_held``) against the full count ``tokens × layers × kv_heads`` and keep the figures by request id;
+2. ``KvzapOutputStreamer`` (the scheduler's ``SchedulerOutputStreamer`` with ``has_additional_customized_info``) —
+   attaches them to the request's final output as customized info ``"kvzap"``;
+3. ``TokenizerManager.update_request_meta_info`` (main process, AROUND hook) — SGLang accumulates customized info
+   into a list; the hook replaces the list by the one dict, so ``meta_info["kvzap"]`` is
+   ``{"removed_fraction", "cells_held", "cells_full", "tokens"}``.
+
+Server-wide totals (``KvzapRuntime.snapshot``) go to ``/server_info`` (``internal_states[0]["kvzap"]``) and, with
+``--enable-metrics``, to ``/metrics`` as ``kvzap_*`` gauges (prometheus multiprocess mode, written by the scheduler).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+from kvzap_sglang.plugin import runtime
+
+META_KEY = "kvzap"
+_MAX_PENDING = 65536  # figures of requests whose output was never streamed (should not happen) are dropped FIFO
+_pending: OrderedDict[str, dict] = OrderedDict()
+
+
+def record_release(req, tree_cache, *args, **kwargs):
+    """BEFORE ``release_kv_cache(req, tree_cache, *, checkpoint)``: the request's cell figures before its slots go."""
+    rt = runtime.current()
+    kv = getattr(req, "kv", None)
+    if rt is None or kv is None or not kv.holds_kv or kv.req_pool_idx is None:
+        return None
+    tokens = int(kv.kv_allocated_len)
+    slots = tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx, :tokens]
+    held = int(rt.store.cells_held(slots).sum()) if tokens else 0
+    full = tokens * rt.store.config.entries_per_token
+    _pending[req.rid] = {
+        "removed_fraction": 1.0 - held / full if full else 0.0,
+        "cells_held": held,
+        "cells_full": full,
+        "tokens": tokens,
+    }
+    _pending.move_to_end(req.rid)
+    while len(_pending) > _MAX_PENDING:
+        _pending.popitem(last=False)
+    if req.finished():
+        rt.totals.requests_finished += 1
+    metrics.update(rt)
+    return None
+
+
+class KvzapOutputStreamer(SchedulerOutputStreamer):
+    """Adds ``"kvzap"`` to the customized info of finished requests (one-element list; see module docstring)."""
+
+    has_additional_customized_info = True
+
+    def build_additional_customized_info(self, reqs) -> dict[str, list]:
+        values = []
+        for req in reqs:
+            figures = _pending.pop(req.rid, None) if req.finished() else None
+            values.append([figures] if figures is not None else [])
+        return {META_KEY: values}
+
+    def is_request_level_customized_info_key(self, key: str) -> bool:
+        return key == META_KEY or super().is_request_level_customized_info_key(key)
+
+
+def unwrap_meta_info(original, self, meta_info, state, customized_info, index, finish_reason):
+    """AROUND ``TokenizerManager.update_request_meta_info``: ``meta_info["kvzap"]`` becomes the request's dict."""
+    result = original(self, meta_info, state, customized_info, index, finish_reason)
+    value = meta_info.get(META_KEY)
+    if isinstance(value, list):
+        if value:
+            meta_info[META_KEY] = value[-1]
+        else:
+            del meta_info[META_KEY]
+    return result
+
+
+def add_internal_state(original, self, *args, **kwargs):
+    """AROUND ``Scheduler.get_internal_state``: server-wide KVzap totals under ``"kvzap"``."""
+    output = original(self, *args, **kwargs)
+    rt = runtime.current()
+    if rt is not None:
+        output.internal_state[META_KEY] = rt.snapshot()
+    return output
+
+
+class _Metrics:
+    """``kvzap_*`` prometheus gauges, created lazily in the scheduler when SGLang runs with ``--enable-metrics``."""
+
+    def __init__(self) -> None:
+        self._gauges = None
+
+    def update(self, rt: runtime.KvzapRuntime) -> None:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return  # metrics off: SGLang's /metrics reads the multiprocess directory only
+        if self._gauges is None:
+            from prometheus_client import Gauge
+
+            names = {
+                "cells_total": "KV cells (one (layer, KV head, token) entry each) in the KVzap store",
+                "cells_in_use": "KV cells currently held by token slots",
+                "entries_reserved": "Cells taken by token slots since start-up",
+                "entries_pruned": "Cells freed by KVzap decisions since start-up",
+                "removed_fraction": "entries_pruned / entries_reserved since start-up",
+                "requests_finished": "Requests finished with KVzap on",
+            }
+            self._gauges = {k: Gauge(f"kvzap_{k}", doc, multiprocess_mode="mostrecent") for k, doc in names.items()}
+        snapshot = rt.snapshot()
+        for key, gauge in self._gauges.items():
+            gauge.set(float(snapshot[key]))
+
+
+metrics = _Metrics()
