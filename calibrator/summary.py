@@ -29,7 +29,7 @@ MAX_LABEL_LENGTH = 128
 class ScoreSummary(BaseModel):
     """Histogram of one request's eligible KVzap log-scores plus the labels the calibrator groups by."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no "3" → 3 coercion from JSON
 
     layout: str = Field(LAYOUT_ID, description="bin layout id; only the current layout is accepted")
     model: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=MODEL_PATTERN)
@@ -105,11 +105,11 @@ def summarize(
         model=model,
         task=task,
         tenant=tenant,
-        timestamp=time.time() if timestamp is None else timestamp,
-        num_layers=num_layers,
-        num_kv_heads=num_kv_heads,
-        num_tokens=num_tokens,
-        window=window,
+        timestamp=time.time() if timestamp is None else float(timestamp),
+        num_layers=int(num_layers),
+        num_kv_heads=int(num_kv_heads),
+        num_tokens=int(num_tokens),
+        window=int(window),
         buckets=buckets.tolist(),
         counts=dense[buckets].tolist(),
     )

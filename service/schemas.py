@@ -13,7 +13,7 @@ HARD_MAX_BATCH = 10_000  # schema-level cap; the configured max_batch_size is us
 
 
 class SampleBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     samples: list[ScoreSummary] = Field(min_length=1, max_length=HARD_MAX_BATCH)
 
 
@@ -23,7 +23,7 @@ class IngestResult(BaseModel):
 
 
 class CalibrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=MODEL_PATTERN)
     task: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=LABEL_PATTERN)
     target_ratio: float = Field(ge=0.0, lt=1.0, description="target mean removed fraction, in [0, 1)")
@@ -39,7 +39,7 @@ class CalibrationResponse(BaseModel):
 
 
 class ThresholdUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     tau: float = Field(ge=-1000.0, le=1000.0, allow_inf_nan=False, description="log-score threshold")
 
 
@@ -54,6 +54,7 @@ class Health(BaseModel):
 
 
 ERROR_RESPONSES = {
+    400: {"model": ErrorBody, "description": "body could not be parsed"},
     401: {"model": ErrorBody, "description": "missing or invalid X-API-Key"},
     403: {"model": ErrorBody, "description": "the key's tenant does not own this entry"},
     413: {"model": ErrorBody, "description": "body or batch over the configured limits"},

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from calibrator.errors import (
     CalibrationError,
@@ -76,7 +80,24 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _library(request: Request, error: CalibrationError) -> JSONResponse:
         return JSONResponse(error_body(error.code, str(error), **_extra(error)), status_code=_status_of(error))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette lists only the first matching route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+        return JSONResponse(error_body(code, str(error.detail)), status_code=error.status_code, headers=headers)
+
     @app.exception_handler(RedisError)
     async def _redis(request: Request, error: RedisError) -> JSONResponse:
         detail = f"Redis is unavailable ({type(error).__name__}: {error})"
         return JSONResponse(error_body(StoreUnavailableError.code, detail), status_code=503)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
