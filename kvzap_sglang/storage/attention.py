@@ -5,8 +5,9 @@ Inputs are a layer's ``HeadFoldedLayout`` (which cells each (request, KV head) k
 the kept entries of its (request, KV head) at positions ``<= p``; GQA: query head ``j`` reads KV head ``j // G``
 with ``G = H_q / H`` (HF/SGLang ``repeat_kv`` order). A query that sees no key (an emptied head) outputs zeros.
 
-Implementation: requests are padded into groups and each group is one batched matmul over
-``[items, H, Q·G, K]`` scores with an explicit masked softmax in float32 (no Python loop per head or token).
+Implementation: requests are padded into groups and each group is one batched ``scaled_dot_product_attention``
+over ``[items·H, G, Q, K]`` with a boolean keep∧causal mask (no Python loop per head or token), computed in
+``q.dtype`` like SGLang's torch_native backend.
 Groups are cut so the score tensor stays under ``max_score_elems``; a request whose own scores exceed it is split
 into query blocks (queries are independent).
 """
@@ -17,10 +18,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvzap_sglang.storage.layout import HeadFoldedLayout
 
-DEFAULT_MAX_SCORE_ELEMS = 1 << 24  # 64 MiB of float32 scores per group
+DEFAULT_MAX_SCORE_ELEMS = 1 << 24  # bound on items·H_q·Q·K per group (mask bytes ×G, math-kernel scores ×4G)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def attend(
     out = torch.zeros_like(q)
     for item_req, item_start, item_len in _groups(qo, kv, num_q_heads, max_score_elems):
         out_rows, values = _attend_group(q, k_cells, v_cells, kv, qo, item_req, item_start, item_len, scaling)
-        out[out_rows] = values.to(q.dtype)
+        out[out_rows] = values
     return out
 
 
@@ -120,50 +122,51 @@ def _as_tensors(group: list[tuple[int, int, int]], device: torch.device):
 
 
 def _attend_group(q, k_cells, v_cells, kv, qo, item_req, item_start, item_len, scaling):
-    """Padded batched attention for one group of ``I`` query blocks; returns (rows of ``q`` [n], outputs [n, H_q, d])."""
+    """Padded batched attention for one group of ``I`` query blocks; returns (rows of ``q`` [n], outputs [n, H_q, d]).
+
+    Each (item, KV head) is one SDPA batch entry with ``G`` query heads over one KV head (``enable_gqa``), so the
+    boolean mask is ``[I·H, 1, Q, K]`` (no ``G`` factor) and CPU SDPA's fused kernel does the softmax: measured
+    ~5x faster than an explicit float32 softmax on a 2k-token prefill (benchmarks/store_overhead.py).
+    """
     num_items = item_req.numel()
     num_heads = kv.num_kv_heads
     _, num_q_heads, head_dim = q.shape
     group_size = num_q_heads // num_heads
     device = q.device
 
-    # Queries [I, Q, H_q, d] -> [I, H, Q·G, d]
+    # Queries [I, Q, H_q, d] -> [I·H, G, Q, d]
     max_q = int(item_len.max())
     q_offs = torch.arange(max_q, device=device)
     q_valid = q_offs[None, :] < item_len[:, None]  # [I, Q]
     q_rows = torch.where(q_valid, item_start[:, None] + q_offs[None, :], 0)
-    q_pad = q[q_rows].float().view(num_items, max_q, num_heads, group_size, head_dim)
-    q_pad = q_pad.permute(0, 2, 1, 3, 4).reshape(num_items, num_heads, max_q * group_size, head_dim)
+    q_pad = q.index_select(0, q_rows.reshape(-1)).view(num_items, max_q, num_heads, group_size, head_dim)
+    q_pad = q_pad.permute(0, 2, 3, 1, 4).reshape(num_items * num_heads, group_size, max_q, head_dim)
     q_pos = qo.q_positions[q_rows]  # [I, Q]
-    q_pos = q_pos[:, None, :, None].expand(num_items, 1, max_q, group_size).reshape(num_items, 1, -1, 1)
 
-    # Keys/values of the items' (request, head) sequences [I, H, K, d]
+    # Keys/values of the items' (request, head) sequences [I·H, 1, K, d]
     seqs = item_req[:, None] * num_heads + torch.arange(num_heads, device=device)  # [I, H]
     kv_start = kv.kv_indptr[seqs].to(torch.int64)
     kv_len = kv.kv_lens.reshape(-1)[seqs].to(torch.int64)
     max_k = int(kv_len.max())
     if max_k == 0:  # every sequence of the group is empty
-        return q_rows[q_valid], torch.zeros(int(q_valid.sum()), num_q_heads, head_dim, device=device)
+        return q_rows[q_valid], torch.zeros(int(q_valid.sum()), num_q_heads, head_dim, dtype=q.dtype, device=device)
     k_offs = torch.arange(max_k, device=device)
     k_valid = k_offs < kv_len[..., None]  # [I, H, K]
     k_at = torch.where(k_valid, kv_start[..., None] + k_offs, 0)
-    if kv.num_entries:
-        cells = torch.where(k_valid, kv.kv_indices[k_at].to(torch.int64), 0)
-        k_pos = kv.kv_positions[k_at].to(torch.int64)
-    else:
-        cells = torch.zeros_like(k_at)
-        k_pos = k_at
-    keys = k_cells[cells].float()  # [I, H, K, d]
-    values = v_cells[cells].float()
+    # index_select, not advanced indexing: ~3x faster row gathers on CPU (measured).
+    flat_at = k_at.reshape(-1)
+    cells = torch.where(k_valid, kv.kv_indices.index_select(0, flat_at).view_as(k_at).to(torch.int64), 0)
+    k_pos = kv.kv_positions.index_select(0, flat_at).view_as(k_at)
+    flat_cells = cells.reshape(-1)
+    kv_shape = (num_items * num_heads, 1, max_k, head_dim)
+    keys = k_cells.index_select(0, flat_cells).view(kv_shape).to(q.dtype)
+    values = v_cells.index_select(0, flat_cells).view(kv_shape).to(q.dtype)
 
-    scores = torch.matmul(q_pad, keys.transpose(-1, -2)) * scaling  # [I, H, Q·G, K]
-    visible = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # rows with no key: all -inf
-    weights = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
-    denom = weights.sum(dim=-1, keepdim=True)
-    attn = torch.matmul(weights, values) / denom.clamp_min(torch.finfo(torch.float32).tiny)  # 0 where no key
+    visible = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [I, H, Q, K]
+    visible = visible.view(num_items * num_heads, 1, max_q, max_k)
+    attn = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=visible, scale=scaling, enable_gqa=True)
+    attn = torch.where(visible.any(dim=-1, keepdim=True), attn, 0)  # no visible key: zeros (defined behaviour)
 
-    attn = attn.view(num_items, num_heads, max_q, group_size, head_dim).permute(0, 2, 1, 3, 4)
+    attn = attn.view(num_items, num_heads, group_size, max_q, head_dim).permute(0, 3, 1, 2, 4)
     attn = attn.reshape(num_items, max_q, num_q_heads, head_dim)
     return q_rows[q_valid], attn[q_valid]

@@ -103,7 +103,7 @@ class CellStore:
     def cells_held(self, slots: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]``: cells each slot holds over all layers and heads (0 for slot 0)."""
         slots = self._slots(slots)
-        return (self.slot_to_cell[slots] >= 0).sum(dim=(1, 2))
+        return (self.slot_to_cell.index_select(0, slots) >= 0).sum(dim=(1, 2))
 
     # ------------------------------------------------------------------ writes
 
@@ -137,14 +137,14 @@ class CellStore:
         real_slots = slots[real]
         if int(torch.unique(real_slots).numel()) != real_slots.numel():
             raise ValueError("write() got the same slot twice")
-        cells = self.slot_to_cell[slots, layer].to(torch.int64)  # [n, H]
+        cells = self.slot_to_cell[:, layer].index_select(0, slots).to(torch.int64)  # [n, H]
         missing = (cells < 0) & real[:, None]
         cells[missing] = self.allocator.alloc(int(missing.sum()))  # raises before any change
         cells[~real] = 0
         self.slot_to_cell[real_slots, layer] = cells[real].to(torch.int32)
         flat = cells.reshape(-1)
-        self.k_cells[flat] = k.reshape(-1, d).to(self.config.dtype)
-        self.v_cells[flat] = v.reshape(-1, d).to(self.config.dtype)
+        self.k_cells.index_copy_(0, flat, k.reshape(-1, d).to(self.config.dtype))
+        self.v_cells.index_copy_(0, flat, v.reshape(-1, d).to(self.config.dtype))
         if scores is None:
             self.slot_scores[real_slots, layer] = float("nan")
         else:
@@ -218,7 +218,7 @@ class CellStore:
         """
         slots = self._slots(slots)
         slots = torch.unique(slots[slots != 0])
-        cells = self.slot_to_cell[slots]  # [n, L, H]
+        cells = self.slot_to_cell.index_select(0, slots)  # [n, L, H]
         held = cells[cells >= 0]
         self.allocator.free(held)  # distinct by the map invariant
         self.slot_to_cell[slots] = NO_CELL

@@ -65,11 +65,13 @@ def prune_window_exits(
     if slots.numel() == 0:
         return freed_per_request
     if layer is None:
-        scores, cells = store.slot_scores[slots], store.slot_to_cell[slots]  # [n, L, H]
+        scores = store.slot_scores.index_select(0, slots)  # [n, L, H]
+        cells = store.slot_to_cell.index_select(0, slots)
     else:
         if not 0 <= layer < store.config.num_layers:
             raise ValueError(f"layer must be in 0..{store.config.num_layers - 1}, got {layer}")
-        scores, cells = store.slot_scores[slots, layer][:, None], store.slot_to_cell[slots, layer][:, None]
+        scores = store.slot_scores[:, layer].index_select(0, slots)[:, None]  # [n, 1, H]
+        cells = store.slot_to_cell[:, layer].index_select(0, slots)[:, None]
     drop = (scores < threshold) & (cells >= 0)  # [n, L', H]
     rows, layer_idx, heads = drop.nonzero(as_tuple=True)
     layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)

@@ -14,7 +14,14 @@ import random
 import pytest
 import torch
 
-from kvzap_sglang.storage import CellStore, CellStoreConfig, OutOfCells, build_layout, pad_slot_lists, prune_window_exits
+from kvzap_sglang.storage import (
+    CellStore,
+    CellStoreConfig,
+    OutOfCells,
+    build_layout,
+    pad_slot_lists,
+    prune_window_exits,
+)
 
 L, H, D = 4, 2, 8
 NUM_SLOTS, NUM_CELLS = 160, 900
