@@ -84,8 +84,8 @@ class CellStore:
         self.slot_to_cell = torch.full(shape, NO_CELL, dtype=torch.int32, device=device)
         self.slot_scores = torch.full(shape, float("nan"), dtype=c.score_dtype, device=device)
         self.allocator = CellAllocator(c.num_cells, device=device)
-        # Cumulative counters for observability (server-wide metrics).
-        self.entries_written = 0
+        # Cumulative counters for observability: cells handed to entries (write/reserve), cells freed by prune.
+        self.entries_allocated = 0
         self.entries_pruned = 0
 
     # ------------------------------------------------------------------ accounting
@@ -149,7 +149,27 @@ class CellStore:
             self.slot_scores[real_slots, layer] = float("nan")
         else:
             self.slot_scores[real_slots, layer] = scores.reshape(n, h)[real].to(self.config.score_dtype)
-        self.entries_written += int(missing.sum())
+        self.entries_allocated += int(missing.sum())
+
+    def reserve(self, slots: torch.Tensor) -> int:
+        """Give every (slot, layer, head) entry of ``slots`` ``[n]`` that lacks one a cell, before any write.
+
+        For an adapter that must never run out of cells mid-forward: reserving ``layers · kv_heads`` cells per slot
+        at slot allocation makes the later ``write`` calls pure in-place copies. Slot 0 is ignored; entries already
+        holding a cell keep it. Returns the number of cells allocated.
+
+        Raises:
+            OutOfCells: not enough free cells; nothing was reserved.
+        """
+        slots = self._slots(slots)
+        slots = torch.unique(slots[slots != 0])
+        cells = self.slot_to_cell.index_select(0, slots)  # [n, L, H]
+        missing = cells < 0
+        cells[missing] = self.allocator.alloc(int(missing.sum())).to(torch.int32)  # raises before any change
+        self.slot_to_cell[slots] = cells
+        self.slot_scores[slots] = torch.where(missing, float("nan"), self.slot_scores.index_select(0, slots))
+        self.entries_allocated += int(missing.sum())
+        return int(missing.sum())
 
     def set_scores(self, layer: int, slots: torch.Tensor, scores: torch.Tensor) -> None:
         """Record the surrogate's log-scores ``[n, H]`` of layer ``layer`` for ``slots`` ``[n]`` (slot 0 ignored)."""

@@ -136,7 +136,7 @@ def test_prune_frees_single_entries_tolerates_repeats_and_already_pruned():
     assert store.used_cells() == 6 * H - 2
     assert store.slot_to_cell[1, 0].tolist() == [NO_CELL, store.slot_to_cell[1, 0, 1].item()]
     assert store.cells_held(slots(1, 2, 3)).tolist() == [2 * H - 1, 2 * H - 1, 2 * H]
-    assert store.entries_pruned == 2 and store.entries_written == 6 * H
+    assert store.entries_pruned == 2 and store.entries_allocated == 6 * H
     store.check_invariants()
 
 
@@ -163,6 +163,26 @@ def test_free_slots_releases_every_remaining_cell_and_is_idempotent():
     assert store.free_slots(slots(1, 3)) == 2 * L * H
     assert store.used_cells() == 0
     store.check_invariants()
+
+
+def test_reserve_gives_every_entry_a_cell_then_write_is_in_place():
+    store = make_store(num_cells=40)
+    store.write(1, slots(2), *kv(1))
+    held_before = store.slot_to_cell[2, 1].clone()
+    assert store.reserve(slots(2, 3, 0, 3)) == 2 * L * H - H  # slot 2 layer 1 already held its cells
+    assert torch.equal(store.slot_to_cell[2, 1], held_before)
+    assert store.cells_held(slots(2, 3)).tolist() == [L * H, L * H]
+    used = store.used_cells()
+    store.write(0, slots(2, 3), *kv(2))
+    assert store.used_cells() == used, "write after reserve allocates nothing"
+    store.check_invariants()
+    assert store.reserve(slots(4, 5, 6)) == 3 * L * H  # 30 of 40 cells in use now
+    map_before = store.slot_to_cell.clone()
+    with pytest.raises(OutOfCells):
+        store.reserve(slots(7, 8))  # needs 12 cells, 10 free
+    assert torch.equal(store.slot_to_cell, map_before) and store.used_cells() == 30
+    store.check_invariants()
+    assert store.free_slots(torch.arange(0, 21)) == store.entries_allocated
 
 
 def test_token_capacity_counts_full_tokens_of_free_cells():
