@@ -19,6 +19,8 @@ from calibrator.errors import InvalidTargetError, TargetUnreachableError, TooFew
 DEFAULT_MIN_SAMPLES = 20
 DEFAULT_TOLERANCE = 0.01
 _BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # bounds the [resamples, N] index block held at once (~32 MB)
+_EXACT_BOOTSTRAP_WORK = 20_000_000  # resamples × N up to which indices are resampled exactly (~0.4 s)
+_BOOTSTRAP_LEVELS = 1024
 
 
 class ThresholdFit(BaseModel):
@@ -57,12 +59,31 @@ def choose_edge(mean_curve: np.ndarray, target: float) -> int:
 
 
 def bootstrap_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """``[resamples]`` means of ``values`` ``[N]`` resampled with replacement (seeded, chunked for memory)."""
+    """``[resamples]`` means of ``values`` ``[N]`` resampled with replacement (seeded).
+
+    Exact index resampling costs O(resamples × N) (2 s for 1000 × 100k on 2 cores), so above
+    ``_EXACT_BOOTSTRAP_WORK`` the values are put on ``_BOOTSTRAP_LEVELS`` equal-width levels and each resample is
+    one multinomial draw over the levels (O(resamples × levels)); what is resampled is the deviation from the
+    levelled mean, added back to the exact mean, so the centre stays exact and each resampled mean moves by less
+    than one level width ((max − min) / 1024 <= 0.001 for fractions), typically far less.
+    """
     rng = np.random.default_rng(seed)
     n = len(values)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(n, 1))
-    means = [values[rng.integers(0, n, size=(min(chunk, resamples - i), n))].mean(axis=1) for i in range(0, resamples, chunk)]
-    return np.concatenate(means) if means else np.zeros(0)
+    if n == 0 or resamples <= 0:
+        return np.zeros(0)
+    if n * resamples <= _EXACT_BOOTSTRAP_WORK:
+        chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+        return np.concatenate([
+            values[rng.integers(0, n, size=(min(chunk, resamples - i), n), dtype=np.int64)].mean(axis=1)
+            for i in range(0, resamples, chunk)
+        ])
+    low, width = values.min(), max(float(np.ptp(values)), 1e-300) / _BOOTSTRAP_LEVELS
+    level = np.minimum(((values - low) / width).astype(np.int64), _BOOTSTRAP_LEVELS - 1)
+    counts = np.bincount(level, minlength=_BOOTSTRAP_LEVELS)
+    centres = low + (np.arange(_BOOTSTRAP_LEVELS) + 0.5) * width
+    levelled_mean = counts @ centres / n
+    draws = rng.multinomial(n, counts / n, size=resamples)  # [resamples, levels]
+    return values.mean() + (draws @ centres / n - levelled_mean)
 
 
 def fit_threshold(

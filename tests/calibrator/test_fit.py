@@ -80,3 +80,17 @@ def test_refusals(normal_traffic):
     for bad in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(InvalidTargetError):
             fit_threshold(normal_traffic, bad)
+
+
+def test_levelled_bootstrap_agrees_with_exact_resampling(monkeypatch):
+    import calibrator.fit as fit_module
+
+    values = np.clip(np.random.default_rng(5).normal(0.6, 0.15, 30_000), 0, 1)
+    monkeypatch.setattr(fit_module, "_EXACT_BOOTSTRAP_WORK", 0)
+    levelled = fit_module.bootstrap_means(values, 400, seed=3)
+    monkeypatch.setattr(fit_module, "_EXACT_BOOTSTRAP_WORK", 10**12)
+    exact = fit_module.bootstrap_means(values, 400, seed=3)
+    standard_error = values.std() / np.sqrt(len(values))
+    assert abs(levelled.mean() - values.mean()) < 0.3 * standard_error
+    assert abs(exact.mean() - values.mean()) < 0.3 * standard_error
+    assert 0.85 < levelled.std() / standard_error < 1.15 and 0.85 < exact.std() / standard_error < 1.15
