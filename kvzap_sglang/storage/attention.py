@@ -15,46 +15,13 @@ into query blocks (queries are independent).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kvzap_sglang.storage.layout import HeadFoldedLayout
+from kvzap_sglang.storage.layout import HeadFoldedLayout, QueryLayout
 
 DEFAULT_MAX_SCORE_ELEMS = 1 << 24  # bound on items·H_q·Q·K per group (mask bytes ×G, math-kernel scores ×4G)
-
-
-@dataclass(frozen=True)
-class QueryLayout:
-    """Where each request's query rows are.
-
-    * ``qo_indptr`` int64 ``[bs + 1]`` — request ``b``'s queries are rows ``qo_indptr[b]:qo_indptr[b+1]`` of ``q``;
-    * ``q_positions`` int64 ``[num_tokens]`` — absolute position of each query token.
-    """
-
-    qo_indptr: torch.Tensor
-    q_positions: torch.Tensor
-
-    @classmethod
-    def for_extend(cls, seq_lens: torch.Tensor, extend_lens: torch.Tensor) -> "QueryLayout":
-        """New tokens at the end of each request: request ``b`` holds ``seq_lens[b]`` tokens after this forward,
-        of which the last ``extend_lens[b]`` are queries (``extend_lens == 1`` is decode)."""
-        seq_lens = seq_lens.to(torch.int64)
-        extend_lens = extend_lens.to(torch.int64)
-        if bool((extend_lens > seq_lens).any()) or bool((extend_lens < 0).any()):
-            raise ValueError("need 0 <= extend_lens <= seq_lens")
-        qo_indptr = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64, device=seq_lens.device)
-        torch.cumsum(extend_lens, dim=0, out=qo_indptr[1:])
-        request = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=seq_lens.device), extend_lens)
-        first = (seq_lens - extend_lens)[request]  # position of each request's first new token
-        q_positions = first + torch.arange(int(qo_indptr[-1]), device=seq_lens.device) - qo_indptr[request]
-        return cls(qo_indptr, q_positions)
-
-    @classmethod
-    def for_decode(cls, seq_lens: torch.Tensor) -> "QueryLayout":
-        """One query per request, at position ``seq_lens[b] - 1``."""
-        return cls.for_extend(seq_lens, torch.ones_like(seq_lens))
 
 
 def attend(

@@ -17,9 +17,9 @@ FlashInfer mapping (page size 1, one plan per layer; implemented and verified by
   ``[num_pages, page_size = 1, num_kv_heads = 1, head_dim]``, zero copy; a cell id is a page id;
 * ``wrapper.plan(kv_indptr, kv_indices, kv_last_page_len = ones(bs·H), num_qo_heads = G, num_kv_heads = 1,
   head_dim = d, page_size = 1, ...)`` with ``G = H_q / H`` (GQA group; query head ``j`` reads KV head ``j // G``);
-* queries: decode ``q [bs, H_q, d] → view [bs·H, G, d]``; extend: request ``b``'s ``n_b`` new tokens
-  ``[n_b, H_q, d] → [n_b, H, G, d] → permute [H, n_b, G, d] → [H·n_b, G, d]`` with
-  ``qo_indptr = cumsum(repeat_interleave(extend_lens, H))``; outputs go back the same way.
+* queries (``fold_queries``): decode ``q [bs, H_q, d] → view [bs·H, G, d]``; extend: request ``b``'s ``n_b`` new
+  tokens ``[n_b, H_q, d] → [n_b, H, G, d] → permute [H, n_b, G, d] → [H·n_b, G, d]`` with
+  ``qo_indptr = cumsum(repeat_interleave(extend_lens, H))``; ``FoldedQueries.unfold`` puts outputs back.
 * FlashInfer's causal mask aligns the queries with the *end* of each KV list. That is exact here when the new
   tokens' K/V are written (all heads hold a cell) before the layout is built: they are then the last ``n_b``
   entries of every (b, h) list, and every kept prefix entry precedes them. For SGLang's ragged extend (new
@@ -59,6 +59,38 @@ class HeadFoldedLayout:
     def kv_last_page_len(self) -> torch.Tensor:
         """int32 ``[bs·H]`` of ones: every page holds one entry (FlashInfer's ``paged_kv_last_page_len``)."""
         return torch.ones(self.kv_lens.numel(), dtype=torch.int32, device=self.kv_lens.device)
+
+
+@dataclass(frozen=True)
+class QueryLayout:
+    """Where each request's query rows are.
+
+    * ``qo_indptr`` int64 ``[bs + 1]`` — request ``b``'s queries are rows ``qo_indptr[b]:qo_indptr[b+1]`` of ``q``;
+    * ``q_positions`` int64 ``[num_tokens]`` — absolute position of each query token.
+    """
+
+    qo_indptr: torch.Tensor
+    q_positions: torch.Tensor
+
+    @classmethod
+    def for_extend(cls, seq_lens: torch.Tensor, extend_lens: torch.Tensor) -> "QueryLayout":
+        """New tokens at the end of each request: request ``b`` holds ``seq_lens[b]`` tokens after this forward,
+        of which the last ``extend_lens[b]`` are queries (``extend_lens == 1`` is decode)."""
+        seq_lens = seq_lens.to(torch.int64)
+        extend_lens = extend_lens.to(torch.int64)
+        if bool((extend_lens > seq_lens).any()) or bool((extend_lens < 0).any()):
+            raise ValueError("need 0 <= extend_lens <= seq_lens")
+        qo_indptr = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64, device=seq_lens.device)
+        torch.cumsum(extend_lens, dim=0, out=qo_indptr[1:])
+        request = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=seq_lens.device), extend_lens)
+        first = (seq_lens - extend_lens)[request]  # position of each request's first new token
+        q_positions = first + torch.arange(int(qo_indptr[-1]), device=seq_lens.device) - qo_indptr[request]
+        return cls(qo_indptr, q_positions)
+
+    @classmethod
+    def for_decode(cls, seq_lens: torch.Tensor) -> "QueryLayout":
+        """One query per request, at position ``seq_lens[b] - 1``."""
+        return cls.for_extend(seq_lens, torch.ones_like(seq_lens))
 
 
 def build_layout(store: CellStore, layer: int, token_slots: torch.Tensor, seq_lens: torch.Tensor) -> HeadFoldedLayout:
@@ -110,3 +142,44 @@ def pad_slot_lists(slot_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
         [s.reshape(-1).to(torch.int64) for s in slot_lists], batch_first=True, padding_value=0
     )
     return token_slots, seq_lens
+
+
+@dataclass(frozen=True)
+class FoldedQueries:
+    """Queries regrouped per (request, KV head) sequence, as FlashInfer's folded batch takes them.
+
+    * ``q``         ``[R, G, d]`` — rows of sequence ``s = b·H + h`` are ``q[qo_indptr[s]:qo_indptr[s+1]]``, in
+      token order, each with the ``G`` query heads of KV head ``h``;
+    * ``qo_indptr`` int32 ``[bs·H + 1]``;
+    * ``rows``      int64 ``[R]`` — row of ``q_unfolded.view(num_tokens·H, G, d)`` each folded row came from.
+    """
+
+    q: torch.Tensor
+    qo_indptr: torch.Tensor
+    rows: torch.Tensor
+
+    def unfold(self, out: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Folded outputs ``[R, G, d]`` → ``[num_tokens, H·G, d]`` in the original token order."""
+        group, dim = out.shape[1:]
+        full = out.new_zeros(num_tokens * (self.rows.numel() // max(num_tokens, 1)), group, dim)
+        full.index_copy_(0, self.rows, out)
+        return full.view(num_tokens, -1, dim)
+
+
+def fold_queries(q: torch.Tensor, queries: QueryLayout, num_kv_heads: int) -> FoldedQueries:
+    """Fold ``q`` ``[num_tokens, H_q, d]`` (rows grouped by request as in ``queries``) into ``bs·H`` sequences.
+
+    Decode is the special case ``[bs, H_q, d] → [bs·H, G, d]`` (a plain view); extend moves each request's
+    ``[n_b, H, G, d]`` block to ``[H, n_b, G, d]``.
+    """
+    num_tokens, num_q_heads, dim = q.shape
+    group = num_q_heads // num_kv_heads
+    q_lens = queries.qo_indptr[1:] - queries.qo_indptr[:-1]  # [bs]
+    seq_lens = q_lens.repeat_interleave(num_kv_heads)  # [bs·H]: every head of request b has n_b query rows
+    qo_indptr = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64, device=q.device)
+    torch.cumsum(seq_lens, dim=0, out=qo_indptr[1:])
+    seq = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=q.device), seq_lens)  # [R]
+    token = queries.qo_indptr[seq // num_kv_heads] + torch.arange(seq.numel(), device=q.device) - qo_indptr[seq]
+    rows = token * num_kv_heads + seq % num_kv_heads
+    folded = q.reshape(num_tokens * num_kv_heads, group, dim).index_select(0, rows)
+    return FoldedQueries(folded, qo_indptr.to(torch.int32), rows)

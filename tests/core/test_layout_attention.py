@@ -19,6 +19,7 @@ from kvzap_sglang.storage import (
     QueryLayout,
     attend,
     build_layout,
+    fold_queries,
     pad_slot_lists,
 )
 
@@ -293,3 +294,128 @@ def test_bad_shapes_are_rejected():
         build_layout(batch.store, LAYER, torch.ones(1, 3, dtype=torch.int64), torch.tensor([4]))
     with pytest.raises(ValueError):
         QueryLayout.for_extend(torch.tensor([3]), torch.tensor([4]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlashInfer conventions, emulated in torch (CPU part of issue #7): the metadata, fed to a kernel that knows only
+# indptr/indices (page size 1, one KV head per sequence) and FlashInfer's end-aligned causal mask, must give the
+# same output as ``attend``. The GPU check swaps this emulation for the real wrappers.
+
+
+def _sequence_attention(q, k, v, mask, scaling):
+    """q [n, G, d], k/v [m, d], mask [n, m] -> (out [n, G, d] fp32, lse [n, G]; -inf and zeros where no key)."""
+    scores = torch.einsum("ngd,md->ngm", q.float(), k.float()) * scaling
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [n, G]
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("ngm,md->ngd", weights, v.float()), lse
+
+
+def _paged_plan_emulation(store, layout, folded, causal, scaling):
+    """BatchPrefill/DecodeWithPagedKVCache over (kv_indptr, kv_indices), page size 1, num_kv_heads 1."""
+    outs, lses = [], []
+    for s in range(layout.kv_indptr.numel() - 1):
+        cells = layout.kv_indices[int(layout.kv_indptr[s]) : int(layout.kv_indptr[s + 1])].long()
+        q = folded.q[int(folded.qo_indptr[s]) : int(folded.qo_indptr[s + 1])]
+        n, m = q.shape[0], cells.numel()
+        if causal:  # FlashInfer aligns the queries with the end of the KV list
+            mask = torch.arange(m)[None, :] <= (m - n + torch.arange(n))[:, None]
+        else:
+            mask = torch.ones(n, m, dtype=torch.bool)
+        out, lse = _sequence_attention(q, store.k_cells[cells], store.v_cells[cells], mask, scaling)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _merge_by_lse(out_a, lse_a, out_b, lse_b):
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - lse).nan_to_num(0.0)[..., None]
+    wb = torch.exp(lse_b - lse).nan_to_num(0.0)[..., None]
+    return out_a * wa + out_b * wb
+
+
+def _scenarios(dtype):
+    """Batches whose last extend is still to be attended: (batch, extend_lens)."""
+    batch = Batch(dtype, seed=11)
+    for prefix, new, how in ((24, 5, "random"), (10, 3, "empty-prefix-head"), (30, 1, "window-only"), (0, 7, "-")):
+        req = batch.add_request()
+        if prefix:
+            batch.grow(req, prefix)
+            drop = torch.rand(H, prefix, generator=batch.gen) < 0.6
+            if how == "empty-prefix-head":
+                drop[2] = True
+            if how == "window-only":
+                drop[:] = True
+                drop[:, -4:] = False
+            batch.prune(req, drop)
+        batch.grow(req, new)
+    yield batch, [5, 3, 1, 7]
+    chunked = Batch(dtype, seed=12)  # chunked prefill then decode, pruning between steps
+    req = chunked.add_request()
+    for step in (13, 9, 1):
+        chunked.grow(req, step)
+        yield chunked, [step]
+        chunked.prune_random(req, 0.5, protect_last=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flashinfer_paged_causal_convention_matches_attend(dtype):
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for batch, extend_lens in _scenarios(dtype):
+        q, qo = batch.queries(extend_lens)
+        ours = batch.store_attention(q, qo).float()
+        layout = build_layout(batch.store, LAYER, *pad_slot_lists(batch.slots))
+        folded = fold_queries(q, qo, H)
+        assert folded.qo_indptr.tolist()[-1] == q.shape[0] * H
+        out, _ = _paged_plan_emulation(batch.store, layout, folded, causal=True, scaling=1 / math.sqrt(D))
+        emulated = folded.unfold(out, q.shape[0])
+        err = (emulated - ours).norm() / ours.norm()
+        assert err < tol, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flashinfer_ragged_plus_paged_prefix_convention_matches_attend(dtype):
+    """SGLang's default FlashInfer extend: prefix via a non-causal paged plan over the kept prefix, new tokens via
+    a causal ragged pass on the raw K/V, merged by LSE (empty prefix heads have LSE -inf)."""
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    scaling = 1 / math.sqrt(D)
+    for batch, extend_lens in _scenarios(dtype):
+        q, qo = batch.queries(extend_lens)
+        ours = batch.store_attention(q, qo).float()
+        token_slots, seq_lens = pad_slot_lists(batch.slots)
+        prefix_lens = seq_lens - torch.tensor(extend_lens)
+        prefix_layout = build_layout(batch.store, LAYER, token_slots, prefix_lens)
+        folded = fold_queries(q, qo, H)
+        out_prefix, lse_prefix = _paged_plan_emulation(batch.store, prefix_layout, folded, causal=False,
+                                                       scaling=scaling)
+        ragged_out, ragged_lse = [], []
+        for b, n in enumerate(extend_lens):  # folded order: request b, head h, its n new tokens
+            for h in range(H):
+                s = b * H + h
+                qs = folded.q[int(folded.qo_indptr[s]) : int(folded.qo_indptr[s + 1])]
+                k_new = batch.k[b][-n:, h].to(dtype)
+                v_new = batch.v[b][-n:, h].to(dtype)
+                causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+                o, lse = _sequence_attention(qs, k_new, v_new, causal, scaling)
+                ragged_out.append(o)
+                ragged_lse.append(lse)
+        merged = _merge_by_lse(out_prefix, lse_prefix, torch.cat(ragged_out), torch.cat(ragged_lse))
+        emulated = folded.unfold(merged, q.shape[0])
+        err = (emulated - ours).norm() / ours.norm()
+        assert err < tol, f"relative error {err:.3g}"
+
+
+def test_fold_queries_round_trip_and_decode_is_a_plain_view():
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(9, H * G, D, generator=gen)
+    qo = QueryLayout.for_extend(torch.tensor([10, 4, 6]), torch.tensor([5, 1, 3]))
+    folded = fold_queries(q, qo, H)
+    assert folded.q.shape == (9 * H, G, D)
+    # sequence (request 0, head 1): request 0's 5 tokens, query heads G..2G-1
+    s = 1
+    torch.testing.assert_close(folded.q[int(folded.qo_indptr[s]) : int(folded.qo_indptr[s + 1])], q[:5, G : 2 * G])
+    torch.testing.assert_close(folded.unfold(folded.q, 9), q)
+    dq = torch.randn(4, H * G, D, generator=gen)
+    decode = fold_queries(dq, QueryLayout.for_decode(torch.tensor([3, 8, 1, 2])), H)
+    torch.testing.assert_close(decode.q, dq.view(4 * H, G, D))
