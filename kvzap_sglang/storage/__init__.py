@@ -6,6 +6,16 @@
   ``QueryLayout``, ``fold_queries`` for FlashInfer's folded batch);
 * ``attention`` — torch attention over that metadata (``attend``);
 * ``pruning`` — DMS decisions applied to the store (``prune_window_exits``).
+
+One forward, per layer ``l`` (``token_slots = req_to_token[req_pool_indices, :max(seq_lens)]``)::
+
+    store.write(l, out_cache_loc, k, v)                         # or reserve() at slot allocation + write in place
+    layout = build_layout(store, l, token_slots, seq_lens)      # kept cells per (request, KV head)
+    out = attend(q, store.k_cells, store.v_cells, layout, QueryLayout.for_extend(seq_lens, extend_lens))
+    store.set_scores(l, out_cache_loc, surrogate_scores)        # [num_tokens, H]
+    prune_window_exits(store, l, token_slots, seq_lens - extend_lens, seq_lens, tau, window)
+
+and ``store.free_slots(slots)`` when slots are released; ``store.token_capacity()`` for admission control.
 """
 
 from kvzap_sglang.storage.cell_allocator import CellAllocator, InvalidCellFree, OutOfCells
