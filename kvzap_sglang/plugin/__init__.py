@@ -15,8 +15,6 @@ builder and attention-layer seams), ``attention_backend`` (torch attention over 
 
 from __future__ import annotations
 
-import sys
-
 _registered = False
 
 
@@ -41,8 +39,11 @@ def register() -> None:
         reporting.unwrap_meta_info,
         HookType.AROUND,
     )
-    engine_module = sys.modules.get("sglang.srt.entrypoints.engine")
-    if engine_module is not None and not hasattr(engine_module.Engine.server_args_class, "kvzap_wraps"):
+    # Imported here, not looked up: load_plugins() may run before the first Engine is built (then the Engine's own
+    # load_plugins() call is a no-op and could not patch it any more).
+    from sglang.srt.entrypoints import engine as engine_module
+
+    if not hasattr(engine_module.Engine.server_args_class, "kvzap_wraps"):
         # Engine's documented override point for its ServerArgs class; accepts the kvzap_* keyword arguments.
         engine_module.Engine.server_args_class = staticmethod(
             launch.make_server_args_factory(engine_module.Engine.server_args_class)

@@ -135,3 +135,29 @@ def server_factory():
 @pytest.fixture(scope="session")
 def hf_greedy():
     return hf_greedy_ids
+
+
+def make_constant_surrogate(folder: Path, head_scores: list[float], num_layers: int = 30, hidden: int = 576) -> Path:
+    """A real KVzap-Linear checkpoint (kvpress layout) whose weights are 0 and whose bias is ``head_scores``: every
+    token of every layer scores ``head_scores[h]`` on KV head ``h``. Pruning outcomes are then known exactly."""
+    import torch
+
+    from kvzap_sglang.surrogate import KVzapConfig, KVzapSurrogate
+
+    surrogate = KVzapSurrogate(KVzapConfig(input_dim=hidden, output_dim=len(head_scores), n_modules=num_layers))
+    with torch.no_grad():
+        for layer in surrogate.layers:
+            layer.weight.zero_()
+            layer.bias.copy_(torch.tensor(head_scores))
+    return surrogate.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def head0_surrogate(tmp_path_factory):
+    """Scores 0, 1, 2 on KV heads 0, 1, 2: with τ = 0.5 exactly KV head 0 is pruned outside the window."""
+    return make_constant_surrogate(tmp_path_factory.mktemp("surrogate") / "head0", [0.0, 1.0, 2.0])
+
+
+@pytest.fixture(scope="session")
+def surrogate_factory():
+    return make_constant_surrogate

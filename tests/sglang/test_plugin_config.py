@@ -1,0 +1,133 @@
+"""Start-up surface of the KVzap plugin: flags, Engine kwargs, env config and fail-fast validation (no engine runs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvzap_sglang.plugin import launch
+from kvzap_sglang.plugin.settings import ENV_VARS, KVzapConfigError, KVzapSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_kvzap_env():
+    saved = {k: os.environ.pop(k) for k in ENV_VARS if k in os.environ}
+    yield
+    for key in ENV_VARS:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def server_args_with_kvzap():
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    load_plugins()  # the real entry point, as SGLang runs it
+    return launch.make_server_args_factory(ServerArgs)
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvzap"]
+    assert ep.value == "kvzap_sglang.plugin:register"
+
+
+def test_engine_kwargs_are_validated_exported_and_force_required_args(server_args_with_kvzap, smollm2_path, head0_surrogate):
+    args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", attention_backend="torch_native",
+                                  kvzap_threshold=-4, kvzap_surrogate=str(head0_surrogate), kvzap_window=16,
+                                  kvzap_no_decode=True)  # fmt: skip
+    assert args.disable_radix_cache is True and args.disable_overlap_schedule is True
+    assert KVzapSettings.from_env() == KVzapSettings(-4.0, str(head0_surrogate), 16, score_decode=False)
+
+
+def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kvzap, smollm2_path):
+    args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu")
+    assert args.disable_radix_cache is False
+    assert KVzapSettings.from_env() is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kvzap_threshold="abc"), "threshold must be a number"),
+        (dict(kvzap_threshold=float("nan")), "finite"),
+        (dict(kvzap_threshold=-4, kvzap_window=-1), "window must be an integer >= 0"),
+        (dict(kvzap_threshold=-4, kvzap_surrogate="quadratic"), "linear|mlp"),
+        (dict(kvzap_threshold=-4, kvzap_surrogate="linear", page_size=16), "page-size 1"),
+        (dict(kvzap_threshold=-4, attention_backend="flashinfer"), "torch_native"),
+    ],
+)
+def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kvzap, smollm2_path, head0_surrogate, kwargs, message):
+    kwargs.setdefault("kvzap_surrogate", str(head0_surrogate))
+    with pytest.raises(KVzapConfigError, match=message):
+        server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", **kwargs)
+    assert KVzapSettings.from_env() is None  # nothing exported for a child to pick up
+
+
+def test_surrogate_of_another_model_is_rejected_with_both_shapes(server_args_with_kvzap, smollm2_path, tmp_path,
+                                                                surrogate_factory):
+    other = surrogate_factory(tmp_path / "other", [0.0, 1.0], num_layers=12, hidden=512)
+    with pytest.raises(KVzapConfigError, match=r"\(12, 512, 2\) but the model has \(30, 576, 3\)"):
+        server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4, kvzap_surrogate=str(other))
+
+
+def test_engine_constructor_fails_fast_on_a_bad_setting(smollm2_path):
+    import sglang
+
+    with pytest.raises(KVzapConfigError, match="window"):
+        sglang.Engine(model_path=str(smollm2_path), device="cpu", attention_backend="torch_native",
+                      kvzap_threshold=-4, kvzap_window=-3)  # fmt: skip
+
+
+def _launch_server(*flags: str, model_path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
+           "--attention-backend", "torch_native", "--port", "1", *flags]  # fmt: skip
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_real_cli_rejects_a_malformed_threshold_with_exit_2(smollm2_path):
+    malformed = _launch_server("--kvzap-threshold", "abc", model_path=smollm2_path)
+    assert malformed.returncode == 2
+    assert "--kvzap-threshold" in malformed.stderr and "must be a number" in malformed.stderr
+
+
+def _parse(*flags: str, model_path):
+    """What `python -m sglang.launch_server` does before starting anything: load_plugins() + prepare_server_args."""
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", str(model_path), "--device", "cpu", "--attention-backend",
+                                "torch_native", *flags])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kvzap-threshold", "-4", "--kvzap-window", "-1"], "window must be an integer >= 0"),
+        (["--kvzap-threshold", "inf"], "finite"),
+        (["--kvzap-threshold", "-4", "--kvzap-surrogate", "quadratic"], "linear|mlp"),
+    ],
+)
+def test_cli_parse_rejects_bad_flags_with_exit_2(server_args_with_kvzap, smollm2_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(*flags, model_path=smollm2_path)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert KVzapSettings.from_env() is None
+
+
+def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2_path, head0_surrogate):
+    args = _parse("--kvzap-threshold", "-3.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-no-decode",
+                  model_path=smollm2_path)  # fmt: skip
+    assert args.disable_radix_cache is True
+    assert KVzapSettings.from_env() == KVzapSettings(-3.5, str(head0_surrogate), 128, score_decode=False)
+
+
+def test_cli_without_kvzap_flags_is_stock(server_args_with_kvzap, smollm2_path):
+    args = _parse(model_path=smollm2_path)
+    assert args.disable_radix_cache is False and KVzapSettings.from_env() is None
