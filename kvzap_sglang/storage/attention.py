@@ -8,8 +8,8 @@ with ``G = H_q / H`` (HF/SGLang ``repeat_kv`` order). A query that sees no key (
 Implementation: requests are padded into groups and each group is one batched ``scaled_dot_product_attention``
 over ``[items·H, G, Q, K]`` with a boolean keep∧causal mask (no Python loop per head or token), computed in
 ``q.dtype`` like SGLang's torch_native backend.
-Groups are cut so the score tensor stays under ``max_score_elems``; a request whose own scores exceed it is split
-into query blocks (queries are independent).
+Groups are cut so that ``items · H_q · Q · K`` stays under ``max_score_elems``; a request exceeding it alone is
+split into query blocks (queries are independent).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def attend(
         kv: the layer's ``HeadFoldedLayout`` (must contain the keys the queries attend to, new tokens included).
         qo: ``QueryLayout`` of ``q``.
         scaling: softmax scale, default ``1/sqrt(d)``.
-        max_score_elems: memory bound for one group's score tensor.
+        max_score_elems: memory bound per group on ``items · H_q · Q · K`` (mask and kernel workspace).
 
     Returns:
         ``[num_tokens, H_q, d]`` in ``q.dtype``; zeros for a (token, head) that sees no kept key.
@@ -56,7 +56,7 @@ def attend(
     out = torch.zeros_like(q)
     for item_req, item_start, item_len in _groups(qo, kv, num_q_heads, max_score_elems):
         out_rows, values = _attend_group(q, k_cells, v_cells, kv, qo, item_req, item_start, item_len, scaling)
-        out[out_rows] = values
+        out.index_copy_(0, out_rows, values)
     return out
 
 

@@ -132,6 +132,8 @@ class CellStore:
         self._check_layer(layer)
         slots = self._slots(slots)
         n, h, d = slots.numel(), self.config.num_kv_heads, self.config.head_dim
+        if k.numel() != n * h * d or v.numel() != n * h * d:
+            raise ValueError(f"write(): k/v must hold [{n}, {h}, {d}] values, got {tuple(k.shape)}, {tuple(v.shape)}")
         k, v = k.reshape(n, h, d), v.reshape(n, h, d)
         real = slots != 0
         real_slots = slots[real]

@@ -110,6 +110,7 @@ def test_duplicate_slot_in_one_write_is_rejected_before_any_change():
         lambda s: s.prune(0, slots(1, 2), torch.tensor([0])),
         lambda s: s.prune_entries(slots(1), torch.tensor([L]), torch.tensor([0])),
         lambda s: s.free_slots(slots(99)),
+        lambda s: s.write(0, slots(1, 2), *kv(1)),
     ],
 )
 def test_invalid_arguments_raise_value_error(call):
