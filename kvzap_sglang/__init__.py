@@ -5,3 +5,13 @@ hidden states -> surrogate scores -> pruning policy -> head-granular storage -> 
 """
 
 __version__ = "0.1.0"
+__all__ = ["KVzapSurrogate"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import kvzap_sglang` stays cheap (no torch import) for the CLI and the service.
+    if name == "KVzapSurrogate":
+        from kvzap_sglang.surrogate import KVzapSurrogate
+
+        return KVzapSurrogate
+    raise AttributeError(f"module 'kvzap_sglang' has no attribute {name!r}")
