@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 from kvzap_sglang.models import DEFAULT_MODEL, ModelNotFoundError, resolve_model_path
+
+TASK_CHOICES = ("retrieval", "prose", "code")
+SURROGATE_KINDS = ("linear", "mlp")
+DTYPES = ("float32", "bfloat16")
 
 
 class UsageError(Exception):
@@ -17,6 +24,124 @@ def _cmd_model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_threads() -> None:
+    import torch
+
+    # Project machines have 2 cores shared with other work; more threads only add contention.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kvzap_sglang.training.fit import MLPSettings
+    from kvzap_sglang.training.pipeline import TrainSettings, train_surrogate
+
+    settings = TrainSettings(
+        model=args.model,
+        kind=args.kind,
+        out=Path(args.out),
+        num_prompts=args.num_prompts,
+        held_out_prompts=args.held_out_prompts,
+        positions=args.positions,
+        seed=args.seed,
+        mlp=MLPSettings(epochs=args.epochs, lr=args.lr, seed=args.seed),
+    )
+    if settings.mlp.epochs < 1 or settings.mlp.lr <= 0:
+        raise UsageError("--epochs must be >= 1 and --lr > 0")
+    _limit_threads()
+    metrics = train_surrogate(settings)
+    held = metrics["held_out"]
+    print(f"saved {args.kind} surrogate to {args.out}")
+    print(f"held-out R² (squared Pearson) mean over (layer, head): {held['r2_mean']:.3f}; train {metrics['train']['r2_mean']:.3f}")
+    print("held-out R² per layer: " + " ".join(f"{value:.2f}" for value in held["r2_per_layer"]))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    if args.window < 0:
+        raise UsageError(f"--window must be >= 0, got {args.window}")
+    if args.tokens < 64:
+        raise UsageError(f"--tokens must be >= 64, got {args.tokens}")
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
+    surrogate_path, threshold = _surrogate_and_threshold(args)
+
+    import torch
+
+    from kvzap_sglang.policy import keep_mask, removed_fraction
+    from kvzap_sglang.prompts import Prompt, make_prompt
+    from kvzap_sglang.scoring import load_reference_model, score_tokens
+    from kvzap_sglang.surrogate import KVzapSurrogate
+
+    from transformers import AutoConfig
+
+    from kvzap_sglang.hidden_states import AttentionShape
+
+    _limit_threads()
+    surrogate = KVzapSurrogate.from_pretrained(surrogate_path)
+    model_path = resolve_model_path(args.model)
+    shape = AttentionShape.of(AutoConfig.from_pretrained(model_path, local_files_only=True))
+    surrogate.check_fits(shape.num_layers, shape.hidden_size, shape.num_kv_heads, what=str(model_path))  # before loading
+    started = time.perf_counter()
+    ref = load_reference_model(str(model_path), dtype=getattr(torch, args.dtype))
+    if args.prompt_file is not None:
+        text = Path(args.prompt_file).read_text()
+        if not text.strip():
+            raise UsageError(f"prompt file {args.prompt_file} is empty")
+        prompt = Prompt(task="file", text=text, num_tokens=0, seed=0)
+        source = str(args.prompt_file)
+    else:
+        prompt = make_prompt(args.task, ref.tokenizer, args.tokens, args.seed)
+        source = f"{args.task}, {prompt.num_tokens} tokens, seed {args.seed}"
+    input_ids = torch.tensor(ref.tokenizer(prompt.render_chat(ref.tokenizer), add_special_tokens=False)["input_ids"])
+    loaded = time.perf_counter()
+    scores = score_tokens(ref.model, surrogate, input_ids)  # [L, H, T]
+    keep = keep_mask(scores, threshold, args.window)
+    scored = time.perf_counter()
+
+    per_layer = [removed_fraction(keep[layer]) for layer in range(keep.shape[0])]
+    print(f"model: {args.model} ({ref.path}), {args.dtype}")
+    print(f"surrogate: {surrogate.kind} ({surrogate_path}); threshold τ = {threshold:g}; window = {args.window}")
+    print(f"prompt: {source}; {input_ids.numel()} tokens with the chat template")
+    print(
+        f"removed fraction: {removed_fraction(keep):.4f} "
+        f"({int((~keep).sum())} of {keep.numel()} entries = {shape.num_layers} layers × {shape.num_kv_heads} KV heads × "
+        f"{input_ids.numel()} tokens)"
+    )
+    ranked = sorted(range(len(per_layer)), key=per_layer.__getitem__)
+    print(
+        f"per layer: min {per_layer[ranked[0]]:.3f} (layer {ranked[0]}), "
+        f"median {per_layer[ranked[len(ranked) // 2]]:.3f}, max {per_layer[ranked[-1]]:.3f} (layer {ranked[-1]})"
+    )
+    for first in range(0, len(per_layer), 10):
+        chunk = per_layer[first : first + 10]
+        print(f"  layers {first:2d}-{first + len(chunk) - 1:2d}: " + " ".join(f"{value:.2f}" for value in chunk))
+    print(f"time: load {loaded - started:.1f} s, score {scored - loaded:.1f} s")
+    return 0
+
+
+def _surrogate_and_threshold(args: argparse.Namespace) -> tuple[Path, float]:
+    """Resolve ``--surrogate`` (kind or folder) and ``--threshold`` (default: the bundled checkpoint's τ)."""
+    from kvzap_sglang.surrogate import BUNDLED_CHECKPOINTS, bundled_checkpoint
+
+    defaults_file = BUNDLED_CHECKPOINTS / args.model / "defaults.json"
+    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    choice = args.surrogate or defaults.get("surrogate", "mlp")
+    if choice in SURROGATE_KINDS:
+        path = bundled_checkpoint(args.model, choice)
+        default_threshold = defaults.get("threshold", {}).get(choice)
+    else:
+        path = Path(choice)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--surrogate {choice!r} is neither {'/'.join(SURROGATE_KINDS)} nor a checkpoint folder")
+        default_threshold = None
+    threshold = args.threshold if args.threshold is not None else default_threshold
+    if threshold is None:
+        raise UsageError("no default threshold for this surrogate: pass --threshold")
+    if threshold != threshold:
+        raise UsageError("--threshold must be a number")
+    return path, float(threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvzap-sglang", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     path = model.add_parser("path", help="print the local Hugging Face folder of a model (converting on first use)")
     path.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"embedded name or folder (default {DEFAULT_MODEL})")
     path.set_defaults(handler=_cmd_model_path)
+
+    train = commands.add_parser("train", help="train a KVzap surrogate on KVzip+ oracle scores (offline corpus)")
+    train.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF folder")
+    train.add_argument("--kind", required=True, choices=SURROGATE_KINDS)
+    train.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json)")
+    train.add_argument("--num-prompts", type=int, default=90, help="training prompts (default 90)")
+    train.add_argument("--held-out-prompts", type=int, default=20, help="held-out prompts for R² (default 20)")
+    train.add_argument("--positions", type=int, default=500, help="sampled tokens per prompt (default 500)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")
+    train.add_argument("--lr", type=float, default=5e-3, help="MLP learning rate (default 5e-3)")
+    train.set_defaults(handler=_cmd_train)
+
+    prune = commands.add_parser("prune", help="score one real prompt with a surrogate and print the removed fraction")
+    prune.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF folder")
+    prune.add_argument("--surrogate", help="linear, mlp (bundled checkpoint) or a checkpoint folder")
+    prune.add_argument("--threshold", type=float, help="τ (natural-log score units); default: the bundled one")
+    prune.add_argument("--window", type=int, default=128, help="recent tokens always kept (default 128)")
+    source = prune.add_mutually_exclusive_group()
+    source.add_argument("--prompt-file", help="user message read from a text file")
+    source.add_argument("--task", choices=TASK_CHOICES, default="retrieval", help="generated prompt (default retrieval)")
+    prune.add_argument("--tokens", type=int, default=1000, help="generated prompt length (default 1000)")
+    prune.add_argument("--seed", type=int, default=0, help="generated prompt seed")
+    # fp32 is the default: on the project's torch 2.14.1+cu130 CPU build, bf16 matmuls measured ~4x slower.
+    prune.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    prune.set_defaults(handler=_cmd_prune)
     return parser
 
 
