@@ -61,7 +61,7 @@ def achieved(scores: list[torch.Tensor], tau: float, window: int) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--surrogate", default="mlp")
-    parser.add_argument("--prompts", type=int, default=24, help="per task; half fit, half held out per split")
+    parser.add_argument("--prompts", type=int, default=16, help="per task; half fit, half held out per split")
     parser.add_argument("--min-tokens", type=int, default=600)
     parser.add_argument("--max-tokens", type=int, default=1400)
     parser.add_argument("--window", type=int, default=128)

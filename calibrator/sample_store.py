@@ -41,7 +41,7 @@ _MAX_WATCH_RETRIES = 20
 class StoreLimits:
     max_requests: int = 200_000  # per series; enforced by dropping whole segments
     segment_size: int = 10_000
-    raw_max: int = 10_000  # raw stream length per series (approximate, as XADD MAXLEN ~)
+    raw_max: int = 10_000  # raw stream length per series (approximate, as XADD MAXLEN ~); 0 = keep none
     retention_s: int = 7 * 24 * 3600
 
     @property
@@ -218,9 +218,10 @@ class SampleStore:
         pipe.hset(self.keys.meta(series), "next_sid", next_sid)
         for key in (self.keys.segs(series), self.keys.meta(series)):
             pipe.expire(key, ttl)
-        for raw in data.raw_json:
-            pipe.xadd(self.keys.raw(series), {"s": raw}, maxlen=limits.raw_max, approximate=True)
-        pipe.expire(self.keys.raw(series), ttl)
+        if limits.raw_max > 0:
+            for raw in data.raw_json:
+                pipe.xadd(self.keys.raw(series), {"s": raw}, maxlen=limits.raw_max, approximate=True)
+            pipe.expire(self.keys.raw(series), ttl)
         pipe.sadd(self.keys.series_set(), series.encode())
 
     def _append(self, pipe: redis.client.Pipeline, base: str, data: _Rows, rows: slice) -> None:
