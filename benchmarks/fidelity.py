@@ -1,0 +1,444 @@
+"""RULER-style fidelity benchmark: accuracy vs removed fraction for KVzap and baselines (reference path).
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m benchmarks.fidelity --quick            # < 10 min on an idle 2-core machine
+    .venv/bin/python -m benchmarks.fidelity                    # lengths 1k/2k/4k, 3 seeds, every method
+
+Per (task, length, seed) the context is prefilled once, densely (KVzap paper §3.3); every method then picks a
+keep mask ``[L, H_kv, T_ctx]`` from that prefill and the question is answered greedily through the mask
+(:mod:`benchmarks.reference_pruning`). KVzap sweeps τ (the grid is calibrated on a prose prompt that is not
+part of the benchmark: τ_r removes the share r there); the other methods remove a target share. The x-axis is
+always the *measured* removed fraction on the benchmark sample itself, as on the kvpress leaderboard.
+
+Resumable: one JSON per (method, setting, task, length, seed) under ``<out>/cache/``; finished ones are
+skipped. Outputs: ``<out>/fidelity.json``, ``<out>/fidelity_<task>.png`` and the ``fidelity`` section of
+``benchmarks/README.md`` (between its markers; other sections are left alone). Exit 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import baselines
+from benchmarks.tasks import TASKS, Sample, encode, make_sample, string_match_all
+from kvzap_sglang.policy import DEFAULT_WINDOW, keep_mask, removed_fraction
+
+DEFAULT_OUT = Path(__file__).parent / "results"
+DEFAULT_README = Path(__file__).parent / "README.md"
+MODEL = "smollm2-135m"
+FULL_RATIOS = (0.25, 0.5, 0.67, 0.75, 0.9)
+QUICK_RATIOS = (0.5, 0.75, 0.9)
+CALIBRATION_TOKENS = 1024
+CALIBRATION_SEED = 9_999  # a prose window that no benchmark sample uses
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a method's sweep: ``value`` is τ for threshold methods, the target share otherwise."""
+
+    method: str
+    value: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.value is None:
+            return "full"
+        kind = "tau" if self.method in baselines.THRESHOLD_METHODS else "r"
+        return f"{kind}={self.value:+.3f}" if kind == "tau" else f"{kind}={self.value:.2f}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """The outcome of one (setting, task, length, seed): one cache file, one row of ``fidelity.json``."""
+
+    method: str
+    setting: str
+    value: float | None
+    task: str
+    length: int
+    seed: int
+    removed_fraction: float
+    score: float
+    prediction: str
+    answers: list[str]
+    context_tokens: int
+    question_tokens: int
+    answer_seconds: float
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed with exit code 2."""
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1k-2k tokens, 1 seed, 3 targets, 5 methods")
+    parser.add_argument("--tasks", nargs="+", help=f"subset of {', '.join(TASKS)}")
+    parser.add_argument("--lengths", nargs="+", type=int, help="target prompt lengths in tokens")
+    parser.add_argument("--methods", nargs="+", help=f"subset of {', '.join(baselines.METHODS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, help="sample seeds (one sample per seed)")
+    parser.add_argument("--ratios", nargs="+", type=float, help="target removed fractions (sweep points)")
+    parser.add_argument("--taus", nargs="+", type=float, help="explicit KVzap thresholds instead of calibrated ones")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="protected recent context tokens")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (cache/ inside)")
+    parser.add_argument("--readme", type=Path, default=DEFAULT_README, help="README whose fidelity section is rewritten")
+    parser.add_argument("--no-readme", action="store_true", help="do not touch the README")
+    parser.add_argument("--backend", choices=("reference",), default="reference", help="transformers reference path")
+    return parser
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    ratios: tuple[float, ...]
+    taus: tuple[float, ...] | None
+    window: int
+    out: Path
+    readme: Path | None
+    quick: bool
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    quick_methods = ("full", "kvzap_linear", "kvzap_mlp", "oracle", "streaming_llm")
+    config = RunConfig(
+        tasks=tuple(args.tasks or TASKS),
+        lengths=tuple(args.lengths or ((1024, 2048) if args.quick else (1024, 2048, 4096))),
+        methods=tuple(args.methods or (quick_methods if args.quick else baselines.METHODS)),
+        seeds=tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else (0, 1, 2))),
+        ratios=tuple(args.ratios or (QUICK_RATIOS if args.quick else FULL_RATIOS)),
+        taus=tuple(args.taus) if args.taus else None,
+        window=args.window,
+        out=args.out,
+        readme=None if args.no_readme else args.readme,
+        quick=args.quick,
+    )
+    _validate(config)
+    return config
+
+
+def _validate(config: RunConfig) -> None:
+    for name, given, allowed in (("task", config.tasks, TASKS), ("method", config.methods, baselines.METHODS)):
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise UsageError(f"unknown {name}(s) {unknown}; choose from {list(allowed)}")
+    if any(length < 256 or length > 8192 for length in config.lengths):
+        raise UsageError(f"lengths must be within [256, 8192] tokens (the model's context), got {list(config.lengths)}")
+    if any(not 0.0 < r < 1.0 for r in config.ratios):
+        raise UsageError(f"ratios must be in (0, 1), got {list(config.ratios)}")
+    if any(seed < 0 for seed in config.seeds) or not config.seeds:
+        raise UsageError(f"seeds must be non-negative integers, got {list(config.seeds)}")
+    if config.window < 0:
+        raise UsageError(f"window must be >= 0, got {config.window}")
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+class ReferenceRunner:
+    """The model, its surrogates and the sweep settings; answers one (task, length, seed) at a time."""
+
+    def __init__(self, config: RunConfig):
+        from transformers import AutoTokenizer
+
+        from kvzap_sglang.models import resolve_model_path
+
+        torch.set_num_threads(2)
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL), local_files_only=True)
+        self.stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.surrogates = {m: _load_surrogate(m) for m in config.methods if m in baselines.THRESHOLD_METHODS}
+        self._model = None
+        self.taus = {m: self._tau_grid(m) for m in self.surrogates}
+
+    @property
+    def model(self):
+        """Loaded on first use, so a fully cached run needs no model."""
+        if self._model is None:
+            from benchmarks import reference_pruning
+            from kvzap_sglang.scoring import load_reference_model
+
+            # fp32: this torch build (CUDA wheel on CPU) runs bf16 matmuls ~5x slower than fp32 here.
+            self._model = load_reference_model(MODEL, dtype=torch.float32).model
+            reference_pruning.install(self._model)
+        return self._model
+
+    def settings(self) -> list[Setting]:
+        result = []
+        for method in self.config.methods:
+            if method == "full":
+                result.append(Setting("full"))
+            elif method in baselines.THRESHOLD_METHODS:
+                result += [Setting(method, tau) for tau in self.taus[method]]
+            else:
+                result += [Setting(method, ratio) for ratio in self.config.ratios]
+        return result
+
+    def _tau_grid(self, method: str) -> list[float]:
+        """τ per target ratio from a prose calibration prompt (or the explicit ``--taus``)."""
+        if self.config.taus:
+            return list(self.config.taus)
+        from benchmarks.reference_pruning import prefill_context
+        from kvzap_sglang.prompts import make_prompt
+
+        prompt = make_prompt("prose", self.tokenizer, CALIBRATION_TOKENS, seed=CALIBRATION_SEED)
+        ids = self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        scores = baselines.kvzap_scores(self.surrogates[method], prefill_context(self.model, torch.tensor(ids)).attention_inputs)
+        return [tau_for_ratio(scores, ratio, self.config.window) for ratio in self.config.ratios]
+
+    def run_sample(self, sample: Sample, todo: list[Setting]) -> list[Record]:
+        from benchmarks.reference_pruning import answer, prefill_context
+
+        context_ids, question_ids = encode(sample, self.tokenizer)
+        prefill = prefill_context(self.model, torch.tensor(context_ids))
+        scores: dict[str, torch.Tensor] = {}
+        records = []
+        for setting in todo:
+            keep = self._keep(setting, prefill, context_ids, scores, sample.seed)
+            start = time.perf_counter()
+            tokens = answer(
+                self.model, prefill, torch.tensor(question_ids), keep, sample.max_new_tokens, self.stop_ids,
+                finished=lambda ids: string_match_all(self.tokenizer.decode(ids), sample.answers) == 1.0,
+            )
+            prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            records.append(
+                Record(
+                    method=setting.method,
+                    setting=setting.label,
+                    value=setting.value,
+                    task=sample.task,
+                    length=sample.target_tokens,
+                    seed=sample.seed,
+                    removed_fraction=0.0 if keep is None else removed_fraction(keep),
+                    score=string_match_all(prediction, sample.answers),
+                    prediction=prediction,
+                    answers=list(sample.answers),
+                    context_tokens=len(context_ids),
+                    question_tokens=len(question_ids),
+                    answer_seconds=round(time.perf_counter() - start, 3),
+                )
+            )
+        return records
+
+    def _keep(self, setting: Setting, prefill, context_ids, scores: dict, seed: int) -> torch.Tensor | None:
+        method, window = setting.method, self.config.window
+        if method == "full":
+            return None
+        shape = (len(prefill.attention_inputs), prefill.keys(0).shape[0], prefill.num_tokens)
+        if method == "streaming_llm":
+            return baselines.streaming_llm_keep(shape, setting.value)
+        if method not in scores:
+            scores[method] = self._scores(method, prefill, context_ids, shape, seed)
+        if method in baselines.THRESHOLD_METHODS:
+            return keep_mask(scores[method], setting.value, window)
+        return baselines.keep_lowest_removed(scores[method], setting.value, window, per_head=method == "knorm")
+
+    def _scores(self, method: str, prefill, context_ids, shape, seed: int) -> torch.Tensor:
+        if method in baselines.THRESHOLD_METHODS:
+            return baselines.kvzap_scores(self.surrogates[method], prefill.attention_inputs)
+        if method == "oracle":
+            return baselines.oracle_scores(self.model, self.tokenizer, context_ids)
+        if method == "knorm":
+            return baselines.knorm_scores([prefill.keys(layer) for layer in range(shape[0])])
+        return baselines.random_scores(shape, seed)
+
+
+def tau_for_ratio(scores: torch.Tensor, ratio: float, window: int) -> float:
+    """τ such that ``keep_mask(scores, τ, window)`` removes about ``ratio`` of all ``[L, H, T]`` entries."""
+    prunable = scores[..., : max(scores.shape[-1] - window, 0)].reshape(-1)
+    if prunable.numel() == 0:
+        raise ValueError("the calibration prompt is shorter than the window")
+    share = min(ratio * scores.numel() / prunable.numel(), 1.0)
+    return round(float(torch.quantile(prunable.double(), share)), 4)
+
+
+def _load_surrogate(method: str):
+    from kvzap_sglang.surrogate import KVzapSurrogate, bundled_checkpoint
+
+    kind = method.removeprefix("kvzap_")
+    try:
+        return KVzapSurrogate.from_pretrained(bundled_checkpoint(MODEL, kind))
+    except FileNotFoundError as missing:
+        raise UsageError(f"{method}: {missing}") from None
+
+
+def cache_path(out: Path, setting: Setting, task: str, length: int, seed: int) -> Path:
+    return out / "cache" / MODEL / task / str(length) / str(seed) / f"{setting.method}@{setting.label}.json"
+
+
+def run(config: RunConfig) -> list[Record]:
+    from tqdm import tqdm
+
+    runner = ReferenceRunner(config)
+    settings = runner.settings()
+    jobs = [(task, length, seed) for length in config.lengths for task in config.tasks for seed in config.seeds]
+    records: list[Record] = []
+    for task, length, seed in tqdm(jobs, desc="fidelity", unit="sample"):
+        paths = {s: cache_path(config.out, s, task, length, seed) for s in settings}
+        todo = [s for s, path in paths.items() if not path.is_file()]
+        if todo:
+            for record in runner.run_sample(make_sample(task, runner.tokenizer, length, seed), todo):
+                path = paths[next(s for s in todo if s.method == record.method and s.label == record.setting)]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(asdict(record), indent=1) + "\n")
+        records += [Record(**json.loads(path.read_text())) for path in paths.values()]
+    return records
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+
+
+def summarize(records: list[Record]) -> list[dict]:
+    """Mean accuracy (×100) and measured removed fraction per (method, setting, task, length)."""
+    groups: dict[tuple, list[Record]] = {}
+    for record in records:
+        groups.setdefault((record.method, record.setting, record.task, record.length), []).append(record)
+    return [
+        {
+            "method": method,
+            "setting": setting,
+            "task": task,
+            "length": length,
+            "samples": len(rows),
+            "accuracy": round(100 * sum(r.score for r in rows) / len(rows), 2),
+            "removed_fraction": round(sum(r.removed_fraction for r in rows) / len(rows), 4),
+        }
+        for (method, setting, task, length), rows in groups.items()
+    ]
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = names[0] if names else (platform.processor() or "unknown CPU")
+    return f"{cpu} ({len(names) or '?'} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")
+SECTION = "fidelity"
+
+
+def fidelity_markdown(meta: dict, summary: list[dict]) -> str:
+    """The README section: provenance, one table per length, and the check against the paper's claim."""
+    lines = [
+        "## Fidelity (RULER-style, reference transformers path)",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}; machine: {meta['machine']}; model: {meta['model']}. "
+        f"Seeds {meta['seeds']}; window {meta['window']} protected context tokens for KVzap, oracle, KNorm and "
+        "random. Accuracy = RULER `string_match_all` × 100; removed = pruned / (layers × KV heads × context "
+        "tokens), measured per sample and averaged. Plots: `benchmarks/results/fidelity_<task>.png`; raw: "
+        "`benchmarks/results/fidelity.json`.",
+    ]
+    tasks = [t for t in meta["tasks"]]
+    for length in meta["lengths"]:
+        lines += ["", f"### {length} tokens", "", "| method | setting | removed % | " + " | ".join(tasks) + " | mean |",
+                  "|---|---|---|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+        for method, setting in _settings_in_order(summary):
+            rows = {r["task"]: r for r in summary if (r["method"], r["setting"], r["length"]) == (method, setting, length)}
+            if not rows:
+                continue
+            accuracies = [rows[t]["accuracy"] for t in tasks if t in rows]
+            removed = 100 * sum(r["removed_fraction"] for r in rows.values()) / len(rows)
+            cells = [f"{rows[t]['accuracy']:.0f}" if t in rows else "–" for t in tasks]
+            lines.append(f"| {method} | {setting} | {removed:.1f} | " + " | ".join(cells) + f" | {sum(accuracies) / len(accuracies):.1f} |")
+    lines += ["", "### Against the paper's claim (≤ 2 pt loss at ≥ 60 % removed on retrieval)", ""]
+    lines += claim_lines(summary) or ["No KVzap setting reached ≥ 60 % removed in this run."]
+    return "\n".join(lines)
+
+
+def claim_lines(summary: list[dict]) -> list[str]:
+    """Per KVzap method and length: retrieval accuracy loss vs the full cache at its settings removing ≥ 60 %."""
+    lines = []
+    for method in baselines.THRESHOLD_METHODS:
+        for length in sorted({r["length"] for r in summary}):
+            full = _retrieval_mean(summary, "full", "full", length)
+            for _, setting in _settings_in_order(summary):
+                rows = [r for r in summary if (r["method"], r["setting"], r["length"]) == (method, setting, length) and r["task"] in RETRIEVAL_TASKS]
+                removed = sum(r["removed_fraction"] for r in rows) / len(rows) if rows else 0.0
+                if not rows or full is None or removed < 0.6:
+                    continue
+                loss = full - _retrieval_mean(summary, method, setting, length)
+                verdict = "meets" if loss <= 2.0 else "FAILS"
+                lines.append(f"- {method} {setting}, {length} tokens: {100 * removed:.0f} % removed on retrieval, "
+                             f"accuracy {full:.1f} → {full - loss:.1f} ({loss:+.1f} pt loss): {verdict} the claim")  # fmt: skip
+    return lines
+
+
+def _retrieval_mean(summary: list[dict], method: str, setting: str, length: int) -> float | None:
+    rows = [r for r in summary if (r["method"], r["setting"], r["length"]) == (method, setting, length) and r["task"] in RETRIEVAL_TASKS]
+    return sum(r["accuracy"] for r in rows) / len(rows) if rows else None
+
+
+def _settings_in_order(summary: list[dict]) -> list[tuple[str, str]]:
+    order = {method: idx for idx, method in enumerate(baselines.METHODS)}
+    pairs = {(r["method"], r["setting"]) for r in summary}
+    return sorted(pairs, key=lambda pair: (order.get(pair[0], 99), pair[1]))
+
+
+def replace_section(readme: Path, name: str, body: str) -> None:
+    """Rewrite only the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (appended if absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = readme.read_text() if readme.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def write_outputs(config: RunConfig, records: list[Record], command: str) -> dict:
+    from benchmarks.plots import plot_task
+
+    summary = summarize(records)
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "model": "SmolLM2-135M-Instruct (fp32, transformers reference path, SDPA + keep-mask bias)",
+        "command": command,
+        "window": config.window,
+        "tasks": list(config.tasks),
+        "lengths": list(config.lengths),
+        "seeds": list(config.seeds),
+        "methods": list(config.methods),
+    }
+    report = {"meta": meta, "summary": summary, "records": [asdict(r) for r in records]}
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
+    for task in config.tasks:
+        plot_task([row for row in summary if row["task"] == task], task, config.out / f"fidelity_{task}.png")
+    if config.readme is not None:
+        replace_section(config.readme, SECTION, fidelity_markdown(meta, summary))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = resolve_config(build_parser().parse_args(argv))
+        records = run(config)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_outputs(config, records, "python -m benchmarks.fidelity " + " ".join(argv))
+    print(f"wrote {config.out / 'fidelity.json'} ({len(records)} records)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
