@@ -220,6 +220,27 @@ def test_missing_flashinfer_is_a_clear_error(monkeypatch):
         fia.FlashInferCellAttention("cuda")
 
 
+def test_plugin_register_serves_kvzap_with_flashinfer_on_cuda_and_torch_elsewhere(monkeypatch):
+    """The adapter's registration (SGLang imported here only; registries restored after the test)."""
+    pytest.importorskip("sglang", reason="the SGLang adapter needs the sglang extra")
+    from sglang.srt.arg_groups import choices
+    from sglang.srt.layers.attention import attention_registry
+
+    from kvzap_sglang.plugin import flashinfer_backend as plugin
+    from kvzap_sglang.plugin.attention_backend import create_kvzap_torch_backend
+
+    monkeypatch.setattr(attention_registry, "ATTENTION_BACKENDS", dict(attention_registry.ATTENTION_BACKENDS))
+    monkeypatch.setattr(choices, "ATTENTION_BACKEND_CHOICES", list(choices.ATTENTION_BACKEND_CHOICES))
+    plugin.register()
+    plugin.register()  # idempotent
+    assert choices.ATTENTION_BACKEND_CHOICES.count("kvzap_flashinfer") == 1
+    assert attention_registry.ATTENTION_BACKENDS["kvzap_flashinfer"] is plugin.create_kvzap_flashinfer_backend
+    assert attention_registry.ATTENTION_BACKENDS["torch_native"] is plugin.create_kvzap_backend
+    assert plugin.backend_factory_for("cuda") is plugin.create_kvzap_flashinfer_backend
+    assert plugin.backend_factory_for(torch.device("cuda", 0)) is plugin.create_kvzap_flashinfer_backend
+    assert plugin.backend_factory_for("cpu") is create_kvzap_torch_backend
+
+
 # ------------------------------------------------------------------- FlashInfer semantics emulated in torch (CPU)
 
 
