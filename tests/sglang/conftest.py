@@ -7,10 +7,12 @@ no engine is left idle. KVzap settings travel to SGLang's spawned scheduler thro
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,13 +84,15 @@ def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: flo
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *CPU_SERVER_FLAGS,
            "--port", str(port), *extra_flags]  # fmt: skip
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The log goes to a file, not a pipe: an unread pipe fills up and blocks the server.
+    log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-4000:]}")
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -105,15 +109,24 @@ def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: flo
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
+        os.environ.get("KVZAP_KEEP_SERVER_LOG") or os.unlink(log.name)
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_model(model_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
 
 
 def hf_greedy_ids(model_path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation with HF transformers (bf16, SDPA), the reference SGLang must match."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    model = _hf_model(model_path)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2

@@ -1,0 +1,69 @@
+"""KVzap on inside the real `sglang.Engine` (CPU, SmolLM2), with a constant surrogate whose outcome is known exactly.
+
+The surrogate scores 0, 1, 2 on KV heads 0, 1, 2 for every token; with τ = 0.5 and the default 128-token window,
+exactly KV head 0 of every layer is freed for every position that left the window, and nothing else. A small
+chunked-prefill size makes long prompts go through chunked prefill.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+LAYERS, KV_HEADS, WINDOW = 30, 3, 128
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
+SHORT_PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n",
+]
+LONG_PROMPT = (
+    "<|im_start|>user\n" + "The grass is green. The sky is blue. The sun is yellow. " * 20
+    + "What colour is the sky?<|im_end|>\n<|im_start|>assistant\n"
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path, engine_factory, head0_surrogate):
+    with engine_factory(smollm2_path, kvzap_threshold=0.5, kvzap_surrogate=str(head0_surrogate),
+                        chunked_prefill_size=64) as engine:  # fmt: skip
+        yield engine
+
+
+def kvzap_state(engine) -> dict:
+    return engine.get_server_info()["internal_states"][0]["kvzap"]
+
+
+def test_requests_inside_the_window_are_untouched_and_equal_stock_outputs(engine, smollm2_path, hf_greedy):
+    tokenizer = engine.tokenizer_manager.tokenizer
+    for prompt in SHORT_PROMPTS:
+        ids = tokenizer.encode(prompt)
+        out = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        # HF greedy == stock SGLang greedy (test_engine_stock.py), so this is "KVzap removing nothing == stock".
+        assert out["output_ids"] == hf_greedy(smollm2_path, ids, GREEDY["max_new_tokens"])
+        figures = out["meta_info"]["kvzap"]
+        assert figures["removed_fraction"] == 0.0
+        assert figures["cells_held"] == figures["cells_full"] == figures["tokens"] * LAYERS * KV_HEADS
+
+
+def test_long_chunked_prompt_frees_exactly_head0_outside_the_window(engine):
+    before = kvzap_state(engine)
+    out = engine.generate(LONG_PROMPT, sampling_params=GREEDY)
+    figures = out["meta_info"]["kvzap"]
+    prompt_tokens = out["meta_info"]["prompt_tokens"]
+    assert prompt_tokens > 2 * 64  # really went through chunked prefill
+    tokens = figures["tokens"]
+    assert tokens in (prompt_tokens + GREEDY["max_new_tokens"] - 1, prompt_tokens + GREEDY["max_new_tokens"])
+    pruned = (tokens - WINDOW) * LAYERS  # one KV head per layer, every position that left the window
+    assert figures["cells_full"] == tokens * LAYERS * KV_HEADS
+    assert figures["cells_held"] == figures["cells_full"] - pruned
+    assert figures["removed_fraction"] == pytest.approx(pruned / figures["cells_full"])
+    after = kvzap_state(engine)
+    assert after["entries_pruned"] - before["entries_pruned"] == pruned
+    assert after["cells_in_use"] == 0  # every cell came back when the request finished
+
+
+def test_batch_of_mixed_requests_leaves_no_cells_behind(engine):
+    outs = engine.generate([*SHORT_PROMPTS, LONG_PROMPT] * 2, sampling_params=GREEDY)
+    assert all(o["meta_info"]["kvzap"]["cells_held"] > 0 for o in outs)
+    state = kvzap_state(engine)
+    assert state["cells_in_use"] == 0
+    assert state["cells_total"] == 8192 * LAYERS * KV_HEADS  # the stock pool's memory, in cells

@@ -1,0 +1,75 @@
+"""KvzapRuntime's per-layer step (score this forward's tokens, apply the DMS rule to window exits) on a real cell
+store with a constant surrogate: prefill, chunked prefill and decode, with and without decode scoring."""
+
+from __future__ import annotations
+
+import torch
+
+from kvzap_sglang.plugin.runtime import BatchView, KvzapRuntime
+from kvzap_sglang.plugin.settings import KVzapSettings
+from kvzap_sglang.storage import CellStore, CellStoreConfig, QueryLayout
+from kvzap_sglang.surrogate import KVzapConfig, KVzapSurrogate
+
+LAYERS, HEADS, DIM, HIDDEN = 2, 2, 4, 8
+
+
+def _runtime(window: int, score_decode: bool = True) -> KvzapRuntime:
+    store = CellStore(CellStoreConfig(num_slots=32, num_cells=32 * LAYERS * HEADS, num_layers=LAYERS,
+                                      num_kv_heads=HEADS, head_dim=DIM))  # fmt: skip
+    surrogate = KVzapSurrogate(KVzapConfig(input_dim=HIDDEN, output_dim=HEADS, n_modules=LAYERS))
+    with torch.no_grad():
+        for layer in surrogate.layers:
+            layer.weight.zero_()
+            layer.bias.copy_(torch.tensor([0.0, 1.0]))  # head 0 below τ = 0.5, head 1 above
+    settings = KVzapSettings(threshold=0.5, surrogate="linear", window=window, score_decode=score_decode)
+    return KvzapRuntime(settings=settings, store=store, surrogate=surrogate)
+
+
+def _forward(rt: KvzapRuntime, slots: list[int], prev_len: int, is_decode: bool = False) -> None:
+    """One forward of one request whose slots are ``slots`` (all positions), ``prev_len`` of them cached before."""
+    new = torch.tensor(slots[prev_len:])
+    for layer in range(LAYERS):
+        rt.store.write(layer, new, torch.zeros(len(new), HEADS, DIM), torch.zeros(len(new), HEADS, DIM))
+    seq = torch.tensor([len(slots)])
+    rt.begin_forward(BatchView(token_slots=torch.tensor([slots]), seq_lens=seq, prev_lens=torch.tensor([prev_len]),
+                               queries=QueryLayout.for_extend(seq, seq - prev_len), out_cache_loc=new,
+                               is_decode=is_decode))  # fmt: skip
+    for layer in range(LAYERS):
+        rt.after_attention(layer, torch.randn(len(new), HIDDEN))
+
+
+def _held(rt: KvzapRuntime, slots: list[int]) -> torch.Tensor:
+    """bool [positions, layers, heads]: which entries still hold a cell."""
+    return rt.store.slot_to_cell[torch.tensor(slots)] >= 0
+
+
+def test_prefill_frees_head0_of_every_layer_outside_the_window():
+    rt = _runtime(window=2)
+    slots = list(range(1, 7))
+    _forward(rt, slots, prev_len=0)
+    held = _held(rt, slots)
+    assert not held[:4, :, 0].any() and held[4:, :, 0].all() and held[:, :, 1].all()
+    assert rt.totals.entries_pruned == 4 * LAYERS
+    rt.store.check_invariants()
+
+
+def test_chunked_prefill_gives_the_same_decisions_as_one_prefill():
+    whole, chunked = _runtime(window=2), _runtime(window=2)
+    slots = list(range(1, 9))
+    _forward(whole, slots, prev_len=0)
+    _forward(chunked, slots[:3], prev_len=0)
+    _forward(chunked, slots[:7], prev_len=3)
+    _forward(chunked, slots, prev_len=7)
+    assert torch.equal(_held(whole, slots), _held(chunked, slots))
+
+
+def test_decode_tokens_are_scored_unless_no_decode():
+    for score_decode, decode_token_kept in ((True, False), (False, True)):
+        rt = _runtime(window=1, score_decode=score_decode)
+        slots = [1, 2, 3]
+        _forward(rt, slots, prev_len=0)
+        _forward(rt, slots + [4], prev_len=3, is_decode=True)  # position 3 enters the window
+        _forward(rt, slots + [4, 5], prev_len=4, is_decode=True)  # ... and leaves it
+        held = _held(rt, [4])[0]
+        assert bool(held[:, 0].all()) == decode_token_kept  # unscored (NaN) entries are kept
+        assert bool(held[:, 1].all())
