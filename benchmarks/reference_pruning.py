@@ -126,31 +126,33 @@ def prefill_context(model: nn.Module, context_ids: torch.Tensor) -> ContextPrefi
     return ContextPrefill(context_ids, cache, [inputs[i] for i in sorted(inputs)])
 
 
+KeepRule = torch.Tensor | Callable[[int], torch.Tensor] | None
+
+
 def answer(
     model: nn.Module,
     prefill: ContextPrefill,
     question_ids: torch.Tensor,
-    keep: torch.Tensor | None,
+    keep: KeepRule,
     max_new_tokens: int,
     stop_ids: set[int],
     finished: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Greedy answer to ``question_ids [q]`` from the context cache seen through ``keep [L, H_kv, T_ctx]``.
 
-    Returns the generated token ids (a stop id ends generation and is not returned). ``finished(tokens)``
-    may end generation early (the benchmark stops once every gold string appeared: substring scoring cannot
-    change after that), so the result is a prefix of plain greedy generation. The cache is cropped back to the
-    context afterwards, so the same prefill serves the next mask.
+    ``keep`` may also be a function of the cache length before each forward, returning that forward's mask
+    (the server's delayed eviction: context tokens keep leaving the window while the answer grows); ``None`` is
+    the full cache. Returns the generated token ids (a stop id ends generation and is not returned).
+    ``finished(tokens)`` may end generation early (the benchmark stops once every gold string appeared:
+    substring scoring cannot change after that), so the result is a prefix of plain greedy generation. The
+    cache is cropped back to the context afterwards, so the same prefill serves the next mask.
     """
-    if keep is not None and keep.shape[-1] != prefill.num_tokens:
-        raise ValueError(f"keep mask covers {keep.shape[-1]} tokens, the context has {prefill.num_tokens}")
     generated: list[int] = []
     try:
-        with torch.inference_mode(), pruned_attention(keep):
+        with torch.inference_mode():
             step_ids = question_ids.view(1, -1)
             for _ in range(max_new_tokens):
-                out = model(input_ids=step_ids, past_key_values=prefill.cache, use_cache=True, logits_to_keep=1)
-                token = int(out.logits[0, -1].argmax())
+                token = _greedy_step(model, prefill, step_ids, keep)
                 if token in stop_ids:
                     break
                 generated.append(token)
@@ -162,3 +164,12 @@ def answer(
         if extra > 0:
             prefill.cache.crop(-extra)  # transformers 5: a negative count removes that many trailing tokens
     return generated
+
+
+def _greedy_step(model: nn.Module, prefill: ContextPrefill, step_ids: torch.Tensor, keep: KeepRule) -> int:
+    mask = keep(prefill.cache.get_seq_length()) if callable(keep) else keep
+    if mask is not None and mask.shape[-1] != prefill.num_tokens:
+        raise ValueError(f"keep mask covers {mask.shape[-1]} tokens, the context has {prefill.num_tokens}")
+    with pruned_attention(mask):
+        out = model(input_ids=step_ids, past_key_values=prefill.cache, use_cache=True, logits_to_keep=1)
+    return int(out.logits[0, -1].argmax())

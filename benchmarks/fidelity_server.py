@@ -1,0 +1,218 @@
+"""Fidelity through the real SGLang HTTP server with the KVzap plugin, checked against a reference twin.
+
+The server does what a serving engine does with one request: the whole prompt (context + question) is
+prefilled densely, the DMS rule decides each token when it leaves the last ``window`` tokens of the request,
+and the answer is decoded from the pruned cache (``--kvzap-no-decode``: generated tokens are kept). That is
+not the query-agnostic protocol of :mod:`benchmarks.fidelity` (there the question attends to the pruned
+context), so the server is compared with a **reference twin** that runs the server's semantics on the
+transformers path: same prompt ids, dense prefill, the same surrogate scores, and at every decode step the
+mask the server's delayed eviction has reached (``score < τ`` and position ``< length_before_step − window``).
+
+Per (setting, sample) it records both answers, their RULER scores, whether the token ids agree, and both
+removed fractions (server: ``meta_info["kvzap"]``; twin: the same count from its masks). Both run in fp32.
+
+    .venv/bin/python -m benchmarks.fidelity_server --methods kvzap_mlp --taus -6 -5 --tasks niah_single --lengths 1024 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import baselines
+from benchmarks.tasks import TASKS, encode, make_sample, string_match_all
+from kvzap_sglang.policy import DEFAULT_WINDOW
+
+SERVER_FLAGS = [
+    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
+    "--page-size", "1", "--max-total-tokens", "16384", "--mem-fraction-static", "0.3", "--skip-server-warmup",
+    "--random-seed", "0", "--log-level", "warning", "--host", "127.0.0.1",
+    # One prefill chunk per prompt: a later chunk would attend to an already pruned earlier chunk.
+    "--chunked-prefill-size", "16384",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Comparison:
+    method: str
+    tau: float
+    task: str
+    length: int
+    seed: int
+    prompt_tokens: int
+    server_prediction: str
+    twin_prediction: str
+    server_score: float
+    twin_score: float
+    same_tokens: bool
+    server_removed_fraction: float
+    twin_removed_fraction: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_path: Path, flags: list[str], timeout_s: float = 600.0):
+    """``python -m sglang.launch_server`` as a child (log in a temp file); yields its URL; always terminated."""
+    import requests
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *SERVER_FLAGS,
+           "--port", str(port), *flags]  # fmt: skip
+    log = tempfile.NamedTemporaryFile("w+", prefix="kvzap-fidelity-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not healthy after {timeout_s} s (log {log.name})")
+            time.sleep(1.0)
+        yield url
+    finally:
+        proc.terminate()  # SIGTERM: SGLang drains and stops its scheduler/detokenizer children
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def server_generate(url: str, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    import requests
+
+    body = {"input_ids": prompt_ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
+    response = requests.post(f"{url}/generate", json=body, timeout=1800)
+    response.raise_for_status()
+    return response.json()
+
+
+def twin_answer(model, scores_fn, prompt_ids: list[int], tau: float, window: int, max_new: int, stop: set[int]):
+    """The server's semantics on the reference path: ``(generated ids, pruned entries at the end)``.
+
+    ``scores_fn(attention_inputs) -> [L, H, P-1]``. The prompt minus its last token is prefilled densely; the
+    last token then attends densely too (it belongs to the server's prefill). Every later forward, with the
+    cache holding ``n`` tokens, sees entries ``score < τ`` at positions ``< n − window`` removed.
+    """
+    from benchmarks.reference_pruning import answer, prefill_context
+
+    prefill = prefill_context(model, torch.tensor(prompt_ids[:-1]))
+    below = scores_fn(prefill.attention_inputs) < tau  # [L, H, P-1]
+    positions = torch.arange(below.shape[-1])
+    seen: list[int] = []
+
+    def keep_at(cache_len: int) -> torch.Tensor | None:
+        seen.append(cache_len)
+        if cache_len < len(prompt_ids):
+            return None
+        return ~(below & (positions < cache_len - window))
+
+    tokens = answer(model, prefill, torch.tensor(prompt_ids[-1:]), keep_at, max_new, stop)
+    final = max(seen) + 1  # tokens written by the last forward: its own exits are decided after its attention
+    pruned = int((below & (positions < final - window)).sum())
+    return tokens, pruned
+
+
+def compare(args: argparse.Namespace) -> list[Comparison]:
+    from benchmarks import reference_pruning
+    from kvzap_sglang.scoring import load_reference_model
+    from kvzap_sglang.surrogate import KVzapSurrogate, bundled_checkpoint
+
+    torch.set_num_threads(2)
+    ref = load_reference_model("smollm2-135m", dtype=torch.float32)
+    reference_pruning.install(ref.model)
+    tokenizer = ref.tokenizer
+    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    results = []
+    for method in args.methods:
+        folder = args.surrogate or bundled_checkpoint("smollm2-135m", method.removeprefix("kvzap_"))
+        surrogate = KVzapSurrogate.from_pretrained(folder)
+        layers, heads = ref.model.config.num_hidden_layers, ref.model.config.num_key_value_heads
+        for tau in args.taus:
+            flags = ["--kvzap-threshold", str(tau), "--kvzap-surrogate", str(folder), "--kvzap-window", str(args.window),
+                     "--kvzap-no-decode"]  # fmt: skip
+            with running_server(ref.path, flags) as url:
+                for task in args.tasks:
+                    for length in args.lengths:
+                        for seed in args.seeds:
+                            sample = make_sample(task, tokenizer, length, seed)
+                            context_ids, question_ids = encode(sample, tokenizer)
+                            prompt = context_ids + question_ids
+                            out = server_generate(url, prompt, sample.max_new_tokens)
+                            server_ids = [t for t in out["output_ids"] if t not in stop]
+                            twin_ids, pruned = twin_answer(
+                                ref.model, lambda xs: baselines.kvzap_scores(surrogate, xs), prompt, tau, args.window,
+                                sample.max_new_tokens, stop,
+                            )  # fmt: skip
+                            figures = out["meta_info"].get("kvzap", {})
+                            server_text = tokenizer.decode(server_ids, skip_special_tokens=True)
+                            twin_text = tokenizer.decode(twin_ids, skip_special_tokens=True)
+                            results.append(Comparison(
+                                method, tau, task, length, seed, len(prompt), server_text, twin_text,
+                                string_match_all(server_text, sample.answers), string_match_all(twin_text, sample.answers),
+                                server_ids == twin_ids, float(figures.get("removed_fraction", float("nan"))),
+                                pruned / (layers * heads * max(figures.get("tokens", len(prompt)), 1)),
+                            ))  # fmt: skip
+                            print(json.dumps(asdict(results[-1])), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity_server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["kvzap_mlp"], choices=baselines.THRESHOLD_METHODS)
+    parser.add_argument("--taus", nargs="+", type=float, required=True)
+    parser.add_argument("--surrogate", type=Path, help="checkpoint folder (default: the bundled one per method)")
+    parser.add_argument("--tasks", nargs="+", default=["niah_single"], choices=TASKS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fidelity_server.json")
+    args = parser.parse_args(argv)
+    if any(not 256 <= n <= 8192 for n in args.lengths) or args.window < 0:
+        print("error: lengths must be within [256, 8192] and window >= 0", file=sys.stderr)
+        return 2
+    try:
+        results = compare(args)
+    except FileNotFoundError as missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    agree = sum(r.same_tokens for r in results)
+    summary = {
+        "samples": len(results),
+        "same_tokens": agree,
+        "server_accuracy": 100 * sum(r.server_score for r in results) / max(len(results), 1),
+        "twin_accuracy": 100 * sum(r.twin_score for r in results) / max(len(results), 1),
+        "max_removed_fraction_gap": max((abs(r.server_removed_fraction - r.twin_removed_fraction) for r in results), default=0.0),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "comparisons": [asdict(r) for r in results]}, indent=1) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
