@@ -20,6 +20,9 @@ def test_engine_greedy_output_equals_hf_transformers(engine, smollm2_path, hf_gr
     out = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
     assert out["output_ids"] == hf_greedy(smollm2_path, prompt_ids, GREEDY["max_new_tokens"])
     assert "Paris" in out["text"]
+    # The kvzap plugin is installed (entry point) but off: no KVzap figures, no KVzap state in the scheduler.
+    assert "kvzap" not in out["meta_info"]
+    assert "kvzap" not in engine.get_server_info()["internal_states"][0]
 
 
 def test_engine_batch_matches_single_requests(engine):

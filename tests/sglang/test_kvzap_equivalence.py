@@ -1,0 +1,32 @@
+"""KVzap on with τ below every score (nothing pruned) gives stock SGLang's greedy outputs bit for bit, through the
+whole KVzap path: cell pool, scoring after every layer, DMS decisions, the kvzap_torch backend, chunked prefill
+and decode. The reference is HF transformers greedy, which equals stock SGLang (test_engine_stock.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
+PROMPTS = [
+    "<|im_start|>user\n" + "The grass is green. The sky is blue. The sun is yellow. " * 18
+    + "What colour is the grass?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path, engine_factory, tmp_path_factory, surrogate_factory):
+    above_tau = surrogate_factory(tmp_path_factory.mktemp("surrogate") / "ones", [1.0, 1.0, 1.0])
+    with engine_factory(smollm2_path, kvzap_threshold=0.5, kvzap_surrogate=str(above_tau), kvzap_window=16,
+                        chunked_prefill_size=64) as engine:  # fmt: skip
+        yield engine
+
+
+def test_nothing_pruned_equals_stock_outputs(engine, smollm2_path, hf_greedy):
+    tokenizer = engine.tokenizer_manager.tokenizer
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        out = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert out["output_ids"] == hf_greedy(smollm2_path, ids, GREEDY["max_new_tokens"])
+        assert out["meta_info"]["kvzap"]["removed_fraction"] == 0.0
+    assert engine.get_server_info()["internal_states"][0]["kvzap"]["cells_in_use"] == 0
