@@ -139,4 +139,5 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
             return
         if self.free_group is None:  # grouped frees come back here once, at free_group_end()
             self.store.free_slots(free_index)
+            runtime.notify_cells_released()
         super().free(free_index)

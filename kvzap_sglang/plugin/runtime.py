@@ -104,10 +104,18 @@ class KvzapRuntime:
 
 
 _runtime: KvzapRuntime | None = None
+# Called with the runtime whenever cells are given back in bulk (slot frees); reporting's gauges subscribe here.
+cells_released_listeners: list = []
 
 
 def current() -> KvzapRuntime | None:
     return _runtime
+
+
+def notify_cells_released() -> None:
+    if _runtime is not None:
+        for listener in cells_released_listeners:
+            listener(_runtime)
 
 
 def install(settings: KVzapSettings, store: CellStore, hf_config, dtype: torch.dtype, start_layer: int = 0) -> KvzapRuntime:
