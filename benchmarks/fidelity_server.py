@@ -149,7 +149,8 @@ def compare(args: argparse.Namespace) -> list[Comparison]:
     stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     results = []
     for method in args.methods:
-        folder = args.surrogate or bundled_checkpoint("smollm2-135m", method.removeprefix("kvzap_"))
+        kind = method.removeprefix("kvzap_")
+        folder = args.surrogate or (args.checkpoints / kind if args.checkpoints else bundled_checkpoint("smollm2-135m", kind))
         surrogate = KVzapSurrogate.from_pretrained(folder)
         layers, heads = ref.model.config.num_hidden_layers, ref.model.config.num_key_value_heads
         for tau in args.taus:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["kvzap_mlp"], choices=baselines.THRESHOLD_METHODS)
     parser.add_argument("--taus", nargs="+", type=float, required=True)
     parser.add_argument("--surrogate", type=Path, help="checkpoint folder (default: the bundled one per method)")
+    parser.add_argument("--checkpoints", type=Path, help="folder with linear/ and mlp/ surrogates")
     parser.add_argument("--tasks", nargs="+", default=["niah_single"], choices=TASKS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -128,6 +128,8 @@ def test_bad_command_line_exits_2(tmp_path, capsys):
     assert fidelity.main(["--methods", "full", "h2o", "--out", str(tmp_path)]) == 2
     assert fidelity.main(["--lengths", "100000", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+    assert fidelity.main(["--backend", "server", "--methods", "oracle", "--out", str(tmp_path)]) == 2
+    assert "KVzap methods only" in capsys.readouterr().err
 
 
 def test_readme_section_is_replaced_without_touching_other_sections(tmp_path):
@@ -150,6 +152,10 @@ def test_all_true_mask_reproduces_plain_greedy_generation(model, needle_case):
     keep = torch.ones(30, 3, len(context_ids), dtype=torch.bool)
     assert answer(model, prefill, torch.tensor(question_ids), keep, sample.max_new_tokens, stop) == plain
     assert answer(model, prefill, torch.tensor(question_ids), None, sample.max_new_tokens, stop) == plain
+    lengths_seen = []
+    per_step = lambda cache_len: lengths_seen.append(cache_len) or keep  # noqa: E731 - the server twin's form
+    assert answer(model, prefill, torch.tensor(question_ids), per_step, sample.max_new_tokens, stop) == plain
+    assert lengths_seen[:2] == [len(context_ids), len(context_ids) + len(question_ids)]
     assert prefill.cache.get_seq_length() == len(context_ids)  # cropped back after each answer
 
 
