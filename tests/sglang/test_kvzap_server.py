@@ -1,0 +1,94 @@
+"""KVzap on inside the real HTTP server (`python -m sglang.launch_server --kvzap-threshold ...`, CPU, SmolLM2).
+
+Constant surrogate (scores 0/1/2 on KV heads 0/1/2), τ = 0.5, window 8, chunked prefill of 256 tokens: every request
+longer than 8 tokens has KV head 0 freed outside its window, long prompts go through chunked prefill, and the
+stress test checks that every cell comes back after ≥ 200 mixed requests including aborts.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+LAYERS, KV_HEADS, WINDOW = 30, 3, 8
+FILLER = "The grass is green. The sky is blue. The sun is yellow. "
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, server_factory, head0_surrogate):
+    flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
+             "--chunked-prefill-size", "256", "--enable-metrics"]  # fmt: skip
+    with server_factory(smollm2_path, flags) as url:
+        yield url
+
+
+def kvzap_state(url: str) -> dict:
+    info = requests.get(f"{url}/server_info", timeout=30).json()
+    return info["internal_states"][0]["kvzap"]
+
+
+def generate(url: str, text: str, max_new_tokens: int = 4, **extra) -> dict:
+    body = {"text": text, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}, **extra}
+    response = requests.post(f"{url}/generate", json=body, timeout=900)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_generate_reports_kvzap_figures_in_meta_info(server):
+    out = generate(server, "<|im_start|>user\n" + FILLER * 22 + "What colour is the sun?<|im_end|>\n")
+    figures = out["meta_info"]["kvzap"]
+    tokens = figures["tokens"]
+    assert tokens >= out["meta_info"]["prompt_tokens"] > 256  # chunked prefill
+    assert figures["cells_full"] == tokens * LAYERS * KV_HEADS
+    assert figures["cells_held"] == figures["cells_full"] - (tokens - WINDOW) * LAYERS
+    assert figures["removed_fraction"] == pytest.approx((tokens - WINDOW) / (KV_HEADS * tokens))
+
+
+def test_chat_completions_are_served(server):
+    body = {"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    response = requests.post(f"{server}/v1/chat/completions", json=body, timeout=300)
+    assert response.status_code == 200
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"]
+    assert choice["finish_reason"] in ("length", "stop")
+
+
+def _stress_request(url: str, index: int, rng: random.Random) -> str:
+    # Short prompts keep 200 requests to a couple of minutes on 2 cores; every 20th is long enough (> 256 tokens)
+    # for chunked prefill; every 5th is aborted by rid (queued or decoding).
+    fillers = 22 if index % 20 == 3 else rng.randint(0, 1)
+    text = "<|im_start|>user\n" + FILLER * fillers + f"Request {index}: say hi.<|im_end|>\n"
+    if index % 5 == 0:
+        rid = f"stress-abort-{index}"
+        timer = threading.Timer(rng.uniform(0.2, 1.0), requests.post, args=(f"{url}/abort_request",),
+                                kwargs={"json": {"rid": rid}, "timeout": 60})  # fmt: skip
+        timer.start()
+        out = generate(url, text, max_new_tokens=32, rid=rid)
+        timer.join()
+        return out["meta_info"]["finish_reason"]["type"]
+    return generate(url, text, max_new_tokens=rng.randint(1, 3))["meta_info"]["finish_reason"]["type"]
+
+
+def test_stress_mixed_requests_with_aborts_return_every_cell(server):
+    rng = random.Random(0)
+    seeds = [rng.randint(0, 10**6) for _ in range(200)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        reasons = list(pool.map(lambda i: _stress_request(server, i, random.Random(seeds[i])), range(200)))
+    assert len(reasons) == 200
+    assert reasons.count("abort") >= 10  # aborts really happened
+    deadline = time.monotonic() + 60
+    while (state := kvzap_state(server))["cells_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state["cells_in_use"] == 0
+    assert state["entries_pruned"] > 0
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200  # scheduler's idle invariant held
+    metrics = requests.get(f"{server}/metrics", timeout=30).text
+    assert "kvzap_cells_in_use" in metrics
+    in_use = [line for line in metrics.splitlines() if line.startswith("kvzap_cells_in_use")]
+    assert in_use and float(in_use[-1].split()[-1]) == 0.0
