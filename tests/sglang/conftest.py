@@ -21,8 +21,6 @@ import pytest
 
 os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # is_cpu() reads it; without it the model build fails on vllm ops
 
-pytestmark = pytest.mark.engine
-
 # Smallest settings that start reliably: bf16 (≈3x faster prefill with AMX), a small pool, no warm-up request.
 CPU_ENGINE_ARGS = dict(
     device="cpu",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
+
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

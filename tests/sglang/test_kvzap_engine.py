@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
+
 LAYERS, KV_HEADS, WINDOW = 30, 3, 128
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 SHORT_PROMPTS = [

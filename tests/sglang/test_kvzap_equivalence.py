@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
+
 GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
 PROMPTS = [
     "<|im_start|>user\n" + "The grass is green. The sky is blue. The sun is yellow. " * 18

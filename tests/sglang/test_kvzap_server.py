@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
+
 LAYERS, KV_HEADS, WINDOW = 30, 3, 8
 FILLER = "The grass is green. The sky is blue. The sun is yellow. "
 
