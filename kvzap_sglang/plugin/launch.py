@@ -97,11 +97,13 @@ def add_cli_args(original, parser: argparse.ArgumentParser):
 def from_cli_args(original, cls, args: argparse.Namespace):
     """AROUND ``ServerArgs.from_cli_args``: validate and export the KVzap flags, apply KVzap's required values."""
     threshold = getattr(args, "kvzap_threshold", None)
-    if threshold is None:
-        clear_env()
-        return original(cls, args)
     try:
-        settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode)
+        if threshold is None:  # no flag: the KVZAP_* environment (the documented config) decides
+            settings = KVzapSettings.from_env()
+            if settings is None:
+                return original(cls, args)
+        else:
+            settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode)
         overrides = prepare_launch(settings, vars(args))
     except KVzapConfigError as error:
         print(f"sglang: error: {error}", file=sys.stderr)

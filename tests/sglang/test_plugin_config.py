@@ -131,3 +131,12 @@ def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2
 def test_cli_without_kvzap_flags_is_stock(server_args_with_kvzap, smollm2_path):
     args = _parse(model_path=smollm2_path)
     assert args.disable_radix_cache is False and KVzapSettings.from_env() is None
+
+
+def test_cli_reads_the_documented_env_config(server_args_with_kvzap, smollm2_path, head0_surrogate, capsys):
+    os.environ.update({"KVZAP_THRESHOLD": "-2", "KVZAP_SURROGATE": str(head0_surrogate)})
+    assert _parse(model_path=smollm2_path).disable_radix_cache is True
+    os.environ["KVZAP_WINDOW"] = "-1"
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(model_path=smollm2_path)
+    assert exit_info.value.code == 2 and "window" in capsys.readouterr().err
