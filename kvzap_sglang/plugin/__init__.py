@@ -51,6 +51,9 @@ def register() -> None:
 
     if KVzapSettings.from_env() is not None:
         _register_serving_hooks(HookRegistry, HookType)
+    from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
+
+    calibration.register(HookRegistry, HookType)
 
 
 def _register_serving_hooks(HookRegistry, HookType) -> None:

@@ -9,7 +9,7 @@ view set by the attention backend's ``init_forward_metadata`` is the one every l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -82,6 +82,11 @@ class KvzapRuntime:
             self.settings.threshold, self.settings.window,
         )  # fmt: skip
         self.totals.entries_pruned += int(freed.sum())
+
+    def set_threshold(self, tau: float) -> None:
+        """Change τ without a restart (plugin/calibration.py applies it between forwards). Entries already decided
+        stay decided: each one is judged once, when it leaves the window, with the τ of that moment."""
+        self.settings = replace(self.settings, threshold=float(tau))  # validated like a start-up value
 
     @property
     def surrogate_dtype(self) -> torch.dtype:

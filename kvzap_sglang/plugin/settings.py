@@ -175,3 +175,106 @@ def resolve_surrogate(spec: str, dims: ModelDims | None) -> Path:
             f"({dims.num_layers}, {dims.hidden_size}, {dims.num_kv_heads})"
         )
     return folder
+
+
+# ---------------------------------------------------------------------------- calibration link (issue #5)
+# Optional, only read while KVzap is on. The Redis variables are the calibration service's own names
+# (service/core/config.py), so one environment configures both sides of the same Redis.
+#
+# ======================  ======================================================  ===================
+# variable                meaning                                                 flag
+# ======================  ======================================================  ===================
+# ``KVZAP_REDIS_URL``     calibration Redis; unset = no sampling, τ fixed         --kvzap-redis-url
+# ``KVZAP_REDIS_PREFIX``  key prefix shared with the service (default ``kvzap:``) --kvzap-redis-prefix
+# ``KVZAP_SAMPLE_RATE``   fraction of finished requests sampled (default 0.25)    --kvzap-sample-rate
+# ``KVZAP_TASK``          task label of this server's traffic (default default)   --kvzap-task
+# ``KVZAP_MODEL_ID``      model id (default: basename of the served model path)   --kvzap-model-id
+# ``KVZAP_TAU_POLL_S``    seconds between τ polls (default 2)                     --kvzap-tau-poll-s
+# ======================  ======================================================  ===================
+
+ENV_REDIS_URL = "KVZAP_REDIS_URL"
+ENV_REDIS_PREFIX = "KVZAP_REDIS_PREFIX"
+ENV_SAMPLE_RATE = "KVZAP_SAMPLE_RATE"
+ENV_TASK = "KVZAP_TASK"
+ENV_MODEL_ID = "KVZAP_MODEL_ID"
+ENV_TAU_POLL_S = "KVZAP_TAU_POLL_S"
+CALIBRATION_ENV_VARS = (ENV_REDIS_URL, ENV_REDIS_PREFIX, ENV_SAMPLE_RATE, ENV_TASK, ENV_MODEL_ID, ENV_TAU_POLL_S)
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where sampled score summaries go and where the live τ comes from (``plugin/calibration.py``)."""
+
+    redis_url: str
+    redis_prefix: str = "kvzap:"
+    sample_rate: float = 0.25
+    task: str = "default"
+    model_id: str | None = None  # None: the served model folder's basename, resolved where the path is known
+    tau_poll_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        import re
+        from urllib.parse import urlsplit
+
+        from calibrator.summary import LABEL_PATTERN, MODEL_PATTERN  # lazy: only when calibration is configured
+
+        parts = urlsplit(self.redis_url) if isinstance(self.redis_url, str) else None
+        if parts is None or parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+            raise KVzapConfigError(
+                f"kvzap redis url must look like redis://HOST:PORT/DB (schemes: {', '.join(REDIS_SCHEMES)}), "
+                f"got {self.redis_url!r}"
+            )
+        if not isinstance(self.redis_prefix, str) or not 1 <= len(self.redis_prefix) <= 64:
+            raise KVzapConfigError(f"kvzap redis prefix must be 1-64 characters, got {self.redis_prefix!r}")
+        rate = self.sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise KVzapConfigError(f"kvzap sample rate must be a number in [0, 1], got {rate!r}")
+        poll = self.tau_poll_s
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not (math.isfinite(poll) and poll > 0):
+            raise KVzapConfigError(f"kvzap tau poll interval must be a number of seconds > 0, got {poll!r}")
+        if not isinstance(self.task, str) or not re.fullmatch(LABEL_PATTERN, self.task):
+            raise KVzapConfigError(f"kvzap task label must match {LABEL_PATTERN}, got {self.task!r}")
+        if self.model_id is not None and not (isinstance(self.model_id, str) and re.fullmatch(MODEL_PATTERN, self.model_id)):
+            raise KVzapConfigError(f"kvzap model id must match {MODEL_PATTERN}, got {self.model_id!r}")
+
+    def to_env(self) -> dict[str, str]:
+        env = {ENV_REDIS_URL: self.redis_url, ENV_REDIS_PREFIX: self.redis_prefix,
+               ENV_SAMPLE_RATE: repr(float(self.sample_rate)), ENV_TASK: self.task,
+               ENV_TAU_POLL_S: repr(float(self.tau_poll_s))}  # fmt: skip
+        if self.model_id is not None:
+            env[ENV_MODEL_ID] = self.model_id
+        return env
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> CalibrationSettings | None:
+        """The settings in the environment with ``overrides`` (field → value, ``None`` = not given) on top;
+        ``None`` when no Redis URL is configured. Raises ``KVzapConfigError`` on a malformed value."""
+        env = os.environ if environ is None else environ
+        given = {key: value for key, value in overrides.items() if value is not None}
+        url = given.pop("redis_url", None) or env.get(ENV_REDIS_URL, "").strip()
+        if not url:
+            return None
+        raw = {
+            "redis_prefix": env.get(ENV_REDIS_PREFIX) or None,
+            "sample_rate": _parse_number(env.get(ENV_SAMPLE_RATE), "sample rate"),
+            "task": env.get(ENV_TASK) or None,
+            "model_id": env.get(ENV_MODEL_ID) or None,
+            "tau_poll_s": _parse_number(env.get(ENV_TAU_POLL_S), "tau poll interval"),
+        }
+        fields = {key: value for key, value in raw.items() if value is not None} | given
+        return cls(redis_url=url, **fields)
+
+
+def clear_calibration_env() -> None:
+    for key in CALIBRATION_ENV_VARS:
+        os.environ.pop(key, None)
+
+
+def _parse_number(text: str | None, what: str) -> float | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise KVzapConfigError(f"kvzap {what} must be a number, got {text!r}") from None

@@ -33,6 +33,8 @@ MODEL, TASK, WINDOW = "smollm2-135m", "calib-test", 16
 TAU_START, TAU_LIVE, TAU_WHILE_AWAY = -4.5, -3.0, -5.0  # bin edges: histogram predictions are exact there
 POLL_S = 0.5
 
+pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
+
 
 @pytest.fixture(autouse=True)
 def kvzap_env_restored():
@@ -104,6 +106,14 @@ def test_cli_rejects_bad_calibration_flags_with_exit_2(plugins_loaded, smollm2_p
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert CalibrationSettings.from_env() is None  # nothing exported for a scheduler to pick up
+
+
+def test_cli_validates_calibration_env_when_kvzap_is_on_by_env(plugins_loaded, smollm2_path, capsys, monkeypatch):
+    for key, value in {"KVZAP_THRESHOLD": "-4", "KVZAP_REDIS_URL": "redis://h", "KVZAP_SAMPLE_RATE": "3"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(smollm2_path)
+    assert exit_info.value.code == 2 and "sample rate" in capsys.readouterr().err
 
 
 def test_cli_exports_calibration_settings_with_the_model_folder_as_id(plugins_loaded, smollm2_path):

@@ -1,0 +1,332 @@
+"""KVzap's side of calibration (issue #5): sampled score summaries go to Redis, the calibrated τ comes back live.
+
+Start-up (launching process): ``--kvzap-redis-url`` & co. (``sglang.Engine(kvzap_redis_url=...)``, or the
+``KVZAP_*`` variables of ``settings.CalibrationSettings``) are validated next to KVzap's own settings and exported
+for the spawned scheduler; a malformed value stops the launch (CLI: exit 2) before any process starts.
+
+Scheduler process, when KVzap is on and a Redis URL is configured:
+
+* pool built (AFTER ``KVCacheConfigurator._build_mha_kv_pool``, registered after KVzap's own hook so the runtime
+  exists): a ``SampleSink`` (ships batches with ``SampleStore.ingest`` from its own thread) and a
+  ``ThresholdWatcher`` (polls the τ stored for (model, task), keeps the last known τ when Redis is away) start;
+* request finished (BEFORE ``release_kv_cache``, while its slots still hold their scores): for a sampled request
+  the per-entry scores ``[L, H, T]`` are summarised (``calibrator.summarize``, the plugin's window) and offered to
+  the sink — a non-blocking put; Redis is only touched by the sink's thread;
+* between forwards (BEFORE ``Scheduler.run_batch``, and in ``get_internal_state``): the watcher's τ, if it
+  differs, becomes the runtime's τ (``KvzapRuntime.set_threshold``). Never inside a forward: every layer of one
+  forward decides with the same τ. A request straddling a change has its earlier window exits judged with the old
+  τ and its later ones with the new τ (each entry is judged once, paper Algorithm 1).
+* ``/server_info``: ``internal_states[0]["kvzap_calibration"]`` (τ, its source, watcher and sink counters).
+
+Every summary's tenant is ``"default"``: SGLang 0.5.23 requests carry no tenant (``extra_key`` is a cache-isolation
+salt that may be per user, which would open one Redis series per user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from kvzap_sglang.plugin import runtime
+from kvzap_sglang.plugin.settings import (
+    ENV_THRESHOLD,
+    CalibrationSettings,
+    KVzapConfigError,
+    KVzapSettings,
+    clear_calibration_env,
+)
+
+logger = logging.getLogger(__name__)
+
+META_KEY = "kvzap_calibration"
+DEFAULT_TENANT = "default"
+# CalibrationSettings field → flag / Engine keyword ``kvzap_<field>``.
+FIELDS = ("redis_url", "redis_prefix", "sample_rate", "task", "model_id", "tau_poll_s")
+
+
+# ---------------------------------------------------------------------------- start-up (launching process)
+
+
+def default_model_id(model_path: str | os.PathLike | None) -> str:
+    """The served model folder's basename (``smollm2-135m`` for the embedded model's converted folder)."""
+    from calibrator.summary import MODEL_PATTERN
+
+    name = Path(str(model_path or "")).name
+    if not re.fullmatch(MODEL_PATTERN, name):
+        raise KVzapConfigError(
+            f"cannot derive a calibration model id from the model path {str(model_path)!r}; pass --kvzap-model-id"
+        )
+    return name
+
+
+def launch_settings(kvzap_on: bool, given: dict, model_path) -> CalibrationSettings | None:
+    """The calibration settings a launch will export (flags/kwargs in ``given`` over the environment), or ``None``.
+
+    Raises:
+        KVzapConfigError: a malformed value, calibration options without KVzap or without a Redis URL.
+    """
+    given = {key: value for key, value in given.items() if value is not None}
+    if not kvzap_on:
+        if given:
+            names = ", ".join(f"--kvzap-{key.replace('_', '-')}" for key in given)
+            raise KVzapConfigError(f"{names} only apply with KVzap on (--kvzap-threshold)")
+        return None  # KVZAP_REDIS_URL alone may be the calibration service's setting: not ours to judge
+    settings = CalibrationSettings.from_env(**given)
+    if settings is None:
+        if given:
+            names = ", ".join(f"--kvzap-{key.replace('_', '-')}" for key in given)
+            raise KVzapConfigError(f"{names} need a calibration Redis: add --kvzap-redis-url redis://HOST:PORT/DB")
+        return None
+    if settings.model_id is None:
+        settings = replace(settings, model_id=default_model_id(model_path))
+    return settings
+
+
+def export(settings: CalibrationSettings) -> None:
+    clear_calibration_env()
+    os.environ.update(settings.to_env())
+
+
+def _probability(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
+
+
+def add_cli_args(result, parser: argparse.ArgumentParser):
+    """AFTER ``ServerArgs.add_cli_args``: the calibration flags (all default to None = "not given")."""
+    group = parser.add_argument_group("KVzap calibration (kvzap-sglang plugin; needs --kvzap-threshold)")
+    group.add_argument("--kvzap-redis-url", default=None, metavar="URL",
+                       help="Redis of the calibration service: sample score summaries there and follow the τ stored "
+                            "for (model, task). Env: KVZAP_REDIS_URL.")
+    group.add_argument("--kvzap-redis-prefix", default=None, metavar="PREFIX",
+                       help="Key prefix shared with the service (default kvzap:).")
+    group.add_argument("--kvzap-sample-rate", type=_probability, default=None, metavar="P",
+                       help="Fraction of finished requests whose score summary is sampled (default 0.25; 0 = none).")
+    group.add_argument("--kvzap-task", default=None, metavar="LABEL", help="Task label of this server's traffic.")
+    group.add_argument("--kvzap-model-id", default=None, metavar="ID",
+                       help="Model id for calibration (default: basename of --model-path).")
+    group.add_argument("--kvzap-tau-poll-s", type=_seconds, default=None, metavar="S",
+                       help="Seconds between polls of the stored τ (default 2).")  # fmt: skip
+    return result
+
+
+def check_cli_args(cls, args: argparse.Namespace):
+    """BEFORE ``ServerArgs.from_cli_args``: validate and export the calibration flags (exit 2 on a bad one)."""
+    given = {name: getattr(args, f"kvzap_{name}", None) for name in FIELDS}
+    try:
+        kvzap_on = getattr(args, "kvzap_threshold", None) is not None or bool(os.environ.get(ENV_THRESHOLD, "").strip())
+        settings = launch_settings(kvzap_on, given, args.model_path)  # no flag: the KVZAP_* env decides, as in launch
+    except KVzapConfigError as error:
+        print(f"sglang: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings is not None:
+        export(settings)
+    return None
+
+
+def wrap_server_args_factory(server_args_factory):
+    """``Engine.server_args_class`` accepting ``kvzap_redis_url=...`` & co. on top of KVzap's own keywords."""
+    from kvzap_sglang.plugin.launch import ENGINE_KWARGS
+
+    def server_args_with_calibration(**kwargs):
+        given = {name: kwargs.pop(f"kvzap_{name}") for name in FIELDS if f"kvzap_{name}" in kwargs}
+        if any(key in kwargs for key in ENGINE_KWARGS):  # the same rule as launch.make_server_args_factory
+            kvzap_on = kwargs.get("kvzap_threshold") is not None
+        else:
+            kvzap_on = bool(os.environ.get(ENV_THRESHOLD, "").strip())
+        settings = launch_settings(kvzap_on, given, kwargs.get("model_path"))  # raises before anything is exported
+        server_args = server_args_factory(**kwargs)
+        if settings is not None:
+            export(settings)
+        return server_args
+
+    server_args_with_calibration.kvzap_calibration_wraps = server_args_factory
+    return server_args_with_calibration
+
+
+# ---------------------------------------------------------------------------- scheduler process
+
+
+@dataclass
+class CalibrationLink:
+    """One per scheduler process: the sink of sampled summaries and the watcher of τ."""
+
+    settings: CalibrationSettings
+    model_id: str
+    sink: object  # calibrator.sink.SampleSink
+    watcher: object  # calibrator.watcher.ThresholdWatcher
+    tau_changes: int = 0
+    sample_errors: int = 0
+    initial_tau: float | None = None
+    last_error: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, settings: CalibrationSettings, model_id: str, initial_tau: float) -> CalibrationLink:
+        from calibrator.sample_store import SampleStore
+        from calibrator.series import connect
+        from calibrator.sink import SampleSink
+        from calibrator.threshold_store import ThresholdStore
+        from calibrator.watcher import ThresholdWatcher
+
+        client = connect(settings.redis_url)  # connects lazily; fails fast (no retries) when Redis is down
+        sink = SampleSink(SampleStore(client, settings.redis_prefix).ingest, sample_fraction=settings.sample_rate)
+        watcher = ThresholdWatcher(
+            ThresholdStore(client, settings.redis_prefix), model_id, settings.task, poll_interval_s=settings.tau_poll_s
+        ).start()  # one synchronous poll: a τ already stored applies from the first forward
+        atexit.register(sink.close, 1.0)
+        logger.info(
+            "KVzap calibration: model=%s task=%s sample_rate=%s, τ polled every %ss (stored τ: %s)",
+            model_id, settings.task, settings.sample_rate, settings.tau_poll_s, watcher.tau,
+        )  # fmt: skip
+        return cls(settings, model_id, sink, watcher, initial_tau=initial_tau)
+
+    def apply_tau(self, rt: runtime.KvzapRuntime) -> None:
+        """Make the watcher's τ the runtime's τ (scheduler thread, between forwards)."""
+        tau = self.watcher.tau  # one attribute read: the watcher thread replaces it atomically
+        if tau is None or tau == rt.settings.threshold:
+            return
+        old = rt.settings.threshold
+        rt.set_threshold(tau)
+        self.tau_changes += 1
+        record = self.watcher.record
+        logger.info(
+            "KVzap τ %s -> %s for %s/%s (%s%s)", old, tau, self.model_id, self.settings.task,
+            getattr(record, "source", "?"),
+            f", target removed fraction {record.target_ratio}" if getattr(record, "target_ratio", None) is not None else "",
+        )  # fmt: skip
+
+    def sample(self, req, tree_cache, rt: runtime.KvzapRuntime) -> None:
+        """Summarise a finished request's scores and hand the summary to the sink (never blocks on Redis)."""
+        import torch
+        from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        from calibrator.summary import summarize
+
+        if not req.finished() or isinstance(req.finished_reason, FINISH_ABORT):
+            return  # retracted or aborted: its scores are not a finished request's traffic
+        if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+            return  # /health's 1-token probes are not traffic
+        kv = getattr(req, "kv", None)
+        if kv is None or not kv.holds_kv or kv.req_pool_idx is None or not self.sink.wants(req.rid):
+            return
+        tokens = int(kv.kv_allocated_len)  # the same count as meta_info["kvzap"]["tokens"]
+        slots = tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx, :tokens]
+        scores = rt.store.slot_scores.index_select(0, slots.to(device=rt.store.device, dtype=torch.int64))  # [T, L, H]
+        summary = summarize(
+            scores.permute(1, 2, 0).float().cpu().numpy(),  # [L, H, T]; NaN (unscored) is kept, as by the policy
+            rt.settings.window,
+            model=self.model_id,
+            task=self.settings.task,
+            tenant=DEFAULT_TENANT,
+        )
+        self.sink.offer(summary)
+
+    def snapshot(self, rt: runtime.KvzapRuntime | None) -> dict:
+        watcher, record = self.watcher, self.watcher.record
+        return {
+            "model": self.model_id,
+            "task": self.settings.task,
+            "sample_rate": self.settings.sample_rate,
+            "tau": None if rt is None else rt.settings.threshold,
+            "tau_source": "start-up" if record is None else record.source,
+            "tau_initial": self.initial_tau,
+            "tau_changes": self.tau_changes,
+            "stored_tau": watcher.tau,
+            "redis_poll_failures": watcher.failures,
+            "redis_last_error": watcher.last_error,
+            "redis_last_success_at": watcher.last_success_at,
+            "samples": asdict(self.sink.counters) | {"errors": self.sample_errors},
+        }
+
+
+_link: CalibrationLink | None = None
+
+
+def current() -> CalibrationLink | None:
+    return _link
+
+
+def start_after_pool_built(pool, configurator, *args, **kwargs):
+    """AFTER ``KVCacheConfigurator._build_mha_kv_pool``: KVzap's runtime now exists; start sink and watcher."""
+    global _link
+    rt = runtime.current()
+    settings = CalibrationSettings.from_env()
+    if rt is None or settings is None or _link is not None:
+        return None
+    model_id = settings.model_id or default_model_id(configurator.model_config.model_path)
+    _link = CalibrationLink.start(settings, model_id, rt.settings.threshold)
+    _link.apply_tau(rt)
+    return None
+
+
+def sample_before_release(req, tree_cache, *args, **kwargs):
+    """BEFORE ``release_kv_cache(req, tree_cache, *, checkpoint)``: the request's scores are still in its slots."""
+    link, rt = _link, runtime.current()
+    if link is not None and rt is not None:
+        try:
+            link.sample(req, tree_cache, rt)
+        except Exception as error:  # noqa: BLE001 — sampling must never stop a release (that would leak cells)
+            link.sample_errors += 1
+            link.last_error = f"{type(error).__name__}: {error}"
+            logger.warning("KVzap: could not sample request %s: %s", getattr(req, "rid", "?"), error)
+    return None
+
+
+def apply_tau_before_batch(*args, **kwargs):
+    """BEFORE ``Scheduler.run_batch``: a τ seen by the watcher applies from this forward on."""
+    link, rt = _link, runtime.current()
+    if link is not None and rt is not None:
+        link.apply_tau(rt)
+    return None
+
+
+def add_internal_state(output, *args, **kwargs):
+    """AFTER ``Scheduler.get_internal_state``: calibration state under ``"kvzap_calibration"``."""
+    link, rt = _link, runtime.current()
+    if link is not None:
+        if rt is not None:
+            link.apply_tau(rt)  # also between forwards: /server_info shows the τ the next forward uses
+        output.internal_state[META_KEY] = link.snapshot(rt)
+    return None
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def register(HookRegistry, HookType) -> None:
+    """Install the calibration flags/kwargs in every process, and the serving hooks where KVzap and a Redis URL are
+    configured. Called once per process by ``kvzap_sglang.plugin.register`` after KVzap's own hooks (so these wrap
+    them: the pool hook sees the installed runtime, the release hook runs before KVzap's release accounting)."""
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", check_cli_args, HookType.BEFORE)
+    from sglang.srt.entrypoints import engine as engine_module
+
+    if not hasattr(engine_module.Engine.server_args_class, "kvzap_calibration_wraps"):
+        engine_module.Engine.server_args_class = staticmethod(
+            wrap_server_args_factory(engine_module.Engine.server_args_class)
+        )
+    if KVzapSettings.from_env() is None or CalibrationSettings.from_env() is None:
+        return
+    configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+    HookRegistry.register(f"{configurator}._build_mha_kv_pool", start_after_pool_built, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", sample_before_release, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch", apply_tau_before_batch, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_internal_state", add_internal_state, HookType.AFTER
+    )
