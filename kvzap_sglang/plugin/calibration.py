@@ -32,6 +32,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvzap_sglang.plugin import runtime
 from kvzap_sglang.plugin.settings import (
@@ -41,6 +42,10 @@ from kvzap_sglang.plugin.settings import (
     KVzapSettings,
     clear_calibration_env,
 )
+
+if TYPE_CHECKING:
+    from calibrator.sink import SampleSink
+    from calibrator.watcher import ThresholdWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +173,8 @@ class CalibrationLink:
 
     settings: CalibrationSettings
     model_id: str
-    sink: object  # calibrator.sink.SampleSink
-    watcher: object  # calibrator.watcher.ThresholdWatcher
+    sink: SampleSink
+    watcher: ThresholdWatcher
     tau_changes: int = 0
     sample_errors: int = 0
     initial_tau: float | None = None
@@ -251,7 +256,7 @@ class CalibrationLink:
             "redis_poll_failures": watcher.failures,
             "redis_last_error": watcher.last_error,
             "redis_last_success_at": watcher.last_success_at,
-            "samples": asdict(self.sink.counters) | {"errors": self.sample_errors},
+            "samples": asdict(self.sink.counters) | {"errors": self.sample_errors, "last_error": self.last_error},
         }
 
 
