@@ -290,6 +290,15 @@ def _checkpoint_folder(method: str, checkpoints: Path | None) -> Path:
     return checkpoints / kind if checkpoints else bundled_checkpoint(MODEL, kind)
 
 
+def _portable(path: Path) -> str:
+    """The path relative to the repository when it lies inside it, so results files carry no machine path."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _checkpoint_id(method: str, checkpoints: Path | None) -> str:
     """Short hash of the surrogate weights: cached KVzap results of another checkpoint are never reused."""
     import hashlib
@@ -321,7 +330,7 @@ def run(config: RunConfig) -> tuple[list[Record], dict]:
                 path.write_text(json.dumps(asdict(record), indent=1) + "\n")
         records += [Record(**json.loads(path.read_text())) for path in paths.values()]
     surrogates = {
-        m: {"checkpoint": str(_checkpoint_folder(m, config.checkpoints)), "sha256_10": runner.surrogate_ids[m], "taus": runner.taus[m]}
+        m: {"checkpoint": _portable(_checkpoint_folder(m, config.checkpoints)), "sha256_10": runner.surrogate_ids[m], "taus": runner.taus[m]}
         for m in runner.surrogates
     }
     return records, surrogates
