@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from benchmarks import baselines
 from benchmarks.tasks import TASKS, encode, make_sample, string_match_all
 from kvzap_sglang.policy import DEFAULT_WINDOW
+from kvzap_sglang.plugin.server_process import wait_until_healthy
 
 SERVER_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
@@ -69,7 +69,6 @@ def _free_port() -> int:
 @contextmanager
 def running_server(model_path: Path, flags: list[str], timeout_s: float = 600.0):
     """``python -m sglang.launch_server`` as a child (log in a temp file); yields its URL; always terminated."""
-    import requests
 
     port = _free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *SERVER_FLAGS,
@@ -78,18 +77,7 @@ def running_server(model_path: Path, flags: list[str], timeout_s: float = 600.0)
     proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {timeout_s} s (log {log.name})")
-            time.sleep(1.0)
+        wait_until_healthy(proc, url, log.name, timeout_s)
         yield url
     finally:
         proc.terminate()  # SIGTERM: SGLang drains and stops its scheduler/detokenizer children

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+from kvzap_sglang.plugin.server_process import wait_until_healthy
 
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
              "--page-size", "1", "--mem-fraction-static", "0.3", "--skip-server-warmup", "--random-seed", "0",
@@ -49,18 +50,7 @@ def sglang_server(model_path: Path, flags: list[str], timeout_s: float = 600.0):
     proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{Path(log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start")
-            time.sleep(1.0)
+        wait_until_healthy(proc, url, log.name, timeout_s)
         yield url, Path(log.name)
     finally:
         proc.terminate()

@@ -13,11 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from kvzap_sglang.plugin.server_process import wait_until_healthy
 
 os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # is_cpu() reads it; without it the model build fails on vllm ops
 
@@ -76,7 +76,6 @@ def free_port() -> int:
 @contextmanager
 def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: float = 180.0):
     """`python -m sglang.launch_server` on CPU as a child process; yields its base URL; always terminated."""
-    import requests
 
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *CPU_SERVER_FLAGS,
@@ -87,18 +86,7 @@ def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: flo
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become healthy in time")
-            time.sleep(1.0)
+        wait_until_healthy(proc, url, log.name, timeout_s)
         yield url
     finally:
         proc.terminate()  # SIGTERM: SGLang drains and kills its scheduler/detokenizer children
