@@ -14,6 +14,7 @@ already running is what makes room.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=-5.0, help="τ for the KVzap server")
     parser.add_argument("--surrogate", default="mlp")
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here (e.g. benchmarks/results/...)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -127,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name, row in (("stock", stock), ("KVzap", kvzap)):
         print(f"| {name} | {row['peak_running']} | {row['kept_fraction']:.3f} | {row['elapsed_s']:.0f} |")
-    print(f"admitted ratio KVzap / stock = {kvzap['peak_running'] / max(1, stock['peak_running']):.2f}")
+    ratio = kvzap["peak_running"] / max(1, stock["peak_running"])
+    print(f"admitted ratio KVzap / stock = {ratio:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        args.out.write_text(json.dumps({"settings": settings, "stock": stock, "kvzap": kvzap,
+                                        "admitted_ratio": ratio}, indent=1) + "\n")  # fmt: skip
     return 0
 
 
