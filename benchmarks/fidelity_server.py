@@ -11,6 +11,14 @@ mask the server's delayed eviction has reached (``score < τ`` and position ``< 
 Per (setting, sample) it records both answers, their RULER scores, whether the token ids agree, and both
 removed fractions (server: ``meta_info["kvzap"]``; twin: the same count from its masks). Both run in fp32.
 
+Cells right after the prefill: before the answer, the same prompt is sent once more with ``max_new_tokens=1`` (the
+request ends with its prefill forward, so no decode step prunes or writes anything). Its ``meta_info["kvzap"]``
+gives the cells the request held when released (``prefill_cells_held / prefill_cells_full``), and the server-wide
+counters of ``/server_info`` around it give the pool's own count: cells reserved minus cells pruned by that request
+(``pool_cells_after_prefill``), plus ``cells_in_use`` once it is gone (0 = nothing leaked). The summary compares the
+mean used-cell ratio after prefill with ``1 - removed fraction``. ``--no-twin`` skips the reference twin (then
+``twin_*`` fields are null and ``same_tokens`` is not judged).
+
     .venv/bin/python -m benchmarks.fidelity_server --methods kvzap_mlp --taus -6 -5 --tasks niah_single --lengths 1024 --seeds 0 1
 """
 
@@ -54,10 +62,15 @@ class Comparison:
     server_prediction: str
     twin_prediction: str
     server_score: float
-    twin_score: float
-    same_tokens: bool
+    twin_score: float | None
+    same_tokens: bool | None
     server_removed_fraction: float
-    twin_removed_fraction: float
+    twin_removed_fraction: float | None
+    server_tokens: int = 0  # tokens the answer request held at release (prompt + generated)
+    prefill_cells_held: int = 0  # meta_info of the max_new_tokens=1 request: cells held right after prefill
+    prefill_cells_full: int = 0
+    pool_cells_after_prefill: int = 0  # /server_info: entries_reserved - entries_pruned of that request
+    pool_cells_in_use_after: int = -1  # /server_info cells_in_use once both requests are gone
 
 
 def _free_port() -> int:
@@ -99,6 +112,28 @@ def server_generate(url: str, prompt_ids: list[int], max_new_tokens: int) -> dic
     return response.json()
 
 
+def kvzap_totals(url: str) -> dict:
+    """The server's KVzap totals (``/server_info`` → ``internal_states[0]["kvzap"]``)."""
+    import requests
+
+    response = requests.get(f"{url}/server_info", timeout=60)
+    response.raise_for_status()
+    return response.json()["internal_states"][0]["kvzap"]
+
+
+def prefill_cells(url: str, prompt_ids: list[int]) -> tuple[dict, int]:
+    """``(meta_info["kvzap"], pool cells after prefill)`` of the prompt sent with ``max_new_tokens=1``.
+
+    The server must be otherwise idle: the pool figure is the difference of server-wide counters.
+    """
+    before = kvzap_totals(url)
+    figures = server_generate(url, prompt_ids, 1)["meta_info"].get("kvzap", {})
+    after = kvzap_totals(url)
+    reserved = after["entries_reserved"] - before["entries_reserved"]
+    pruned = after["entries_pruned"] - before["entries_pruned"]
+    return figures, reserved - pruned
+
+
 def twin_answer(model, scores_fn, prompt_ids: list[int], tau: float, window: int, max_new: int, stop: set[int]):
     """The server's semantics on the reference path: ``(generated ids, pruned entries at the end)``.
 
@@ -131,8 +166,9 @@ def compare(args: argparse.Namespace) -> list[Comparison]:
     from kvzap_sglang.surrogate import KVzapSurrogate, bundled_checkpoint
 
     torch.set_num_threads(2)
-    ref = load_reference_model("smollm2-135m", dtype=torch.float32)
-    reference_pruning.install(ref.model)
+    ref = load_reference_model("smollm2-135m", dtype=torch.float32)  # the twin's model; also the tokenizer/path
+    if not args.no_twin:
+        reference_pruning.install(ref.model)
     tokenizer = ref.tokenizer
     stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     results = []
@@ -151,20 +187,29 @@ def compare(args: argparse.Namespace) -> list[Comparison]:
                             sample = make_sample(task, tokenizer, length, seed)
                             context_ids, question_ids = encode(sample, tokenizer)
                             prompt = context_ids + question_ids
+                            at_prefill, pool_cells = prefill_cells(url, prompt)
                             out = server_generate(url, prompt, sample.max_new_tokens)
+                            in_use_after = kvzap_totals(url)["cells_in_use"]
                             server_ids = [t for t in out["output_ids"] if t not in stop]
-                            twin_ids, pruned = twin_answer(
-                                ref.model, lambda xs: baselines.kvzap_scores(surrogate, xs), prompt, tau, args.window,
-                                sample.max_new_tokens, stop,
-                            )  # fmt: skip
                             figures = out["meta_info"].get("kvzap", {})
                             server_text = tokenizer.decode(server_ids, skip_special_tokens=True)
-                            twin_text = tokenizer.decode(twin_ids, skip_special_tokens=True)
+                            twin_text = twin_score = twin_removed = None
+                            same = None
+                            if not args.no_twin:
+                                twin_ids, pruned = twin_answer(
+                                    ref.model, lambda xs: baselines.kvzap_scores(surrogate, xs), prompt, tau,
+                                    args.window, sample.max_new_tokens, stop,
+                                )  # fmt: skip
+                                twin_text = tokenizer.decode(twin_ids, skip_special_tokens=True)
+                                twin_score = string_match_all(twin_text, sample.answers)
+                                twin_removed = pruned / (layers * heads * max(figures.get("tokens", len(prompt)), 1))
+                                same = server_ids == twin_ids
                             results.append(Comparison(
                                 method, tau, task, length, seed, len(prompt), server_text, twin_text,
-                                string_match_all(server_text, sample.answers), string_match_all(twin_text, sample.answers),
-                                server_ids == twin_ids, float(figures.get("removed_fraction", float("nan"))),
-                                pruned / (layers * heads * max(figures.get("tokens", len(prompt)), 1)),
+                                string_match_all(server_text, sample.answers), twin_score,
+                                same, float(figures.get("removed_fraction", float("nan"))), twin_removed,
+                                int(figures.get("tokens", 0)), int(at_prefill.get("cells_held", -1)),
+                                int(at_prefill.get("cells_full", -1)), pool_cells, int(in_use_after),
                             ))  # fmt: skip
                             print(json.dumps(asdict(results[-1])), flush=True)
     return results
@@ -180,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    parser.add_argument("--no-twin", action="store_true", help="skip the reference twin (server answers only)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fidelity_server.json")
     args = parser.parse_args(argv)
     if any(not 256 <= n <= 8192 for n in args.lengths) or args.window < 0:
@@ -190,18 +236,48 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    agree = sum(r.same_tokens for r in results)
-    summary = {
-        "samples": len(results),
-        "same_tokens": agree,
-        "server_accuracy": 100 * sum(r.server_score for r in results) / max(len(results), 1),
-        "twin_accuracy": 100 * sum(r.twin_score for r in results) / max(len(results), 1),
-        "max_removed_fraction_gap": max((abs(r.server_removed_fraction - r.twin_removed_fraction) for r in results), default=0.0),
-    }
+    summary = summarize(results)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": summary, "comparisons": [asdict(r) for r in results]}, indent=1) + "\n")
-    print(json.dumps(summary))
+    args.out.write_text(json.dumps({"settings": settings, "summary": summary,
+                                    "comparisons": [asdict(r) for r in results]}, indent=1) + "\n")  # fmt: skip
+    for row in summary:
+        print(json.dumps(row))
     return 0
+
+
+def summarize(results: list[Comparison]) -> list[dict]:
+    """One row per (method, τ): accuracies, removed fractions, cells after prefill vs ``1 - removed``."""
+
+    def mean(values) -> float | None:
+        values = list(values)
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for method, tau in dict.fromkeys((r.method, r.tau) for r in results):
+        rs = [r for r in results if (r.method, r.tau) == (method, tau)]
+        twins = [r for r in rs if r.twin_score is not None]
+        prefill_ratio = mean(r.prefill_cells_held / r.prefill_cells_full for r in rs if r.prefill_cells_full > 0)
+        pool_ratio = mean(r.pool_cells_after_prefill / r.prefill_cells_full for r in rs if r.prefill_cells_full > 0)
+        removed = mean(r.server_removed_fraction for r in rs)
+        rows.append({
+            "method": method,
+            "tau": tau,
+            "samples": len(rs),
+            "server_accuracy": 100 * mean(r.server_score for r in rs),
+            "twin_accuracy": 100 * mean(r.twin_score for r in twins) if twins else None,
+            "same_tokens": sum(bool(r.same_tokens) for r in twins) if twins else None,
+            "server_removed_fraction": removed,
+            "max_removed_fraction_gap": max((abs(r.server_removed_fraction - r.twin_removed_fraction) for r in twins),
+                                            default=None),
+            "prefill_used_cells_ratio": prefill_ratio,
+            "pool_used_cells_ratio": pool_ratio,
+            "one_minus_removed": 1 - removed,
+            "prefill_ratio_over_one_minus_removed": (prefill_ratio / (1 - removed)
+                                                     if prefill_ratio is not None and removed < 1 else None),
+            "max_cells_in_use_when_idle": max(r.pool_cells_in_use_after for r in rs),
+        })  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":
