@@ -4,8 +4,8 @@ Runs in the launching process only. Whatever the entry point, ``prepare_launch``
 served model (surrogate dims) and the server configuration KVzap supports, exports them for the spawned scheduler
 (``settings.KVzapSettings.export``) and returns the ``ServerArgs`` values KVzap needs:
 
-* ``disable_radix_cache=True`` — prefix sharing of pruned KV is issue #4; a tree holding slots whose cells were
-  pruned would break SGLang's idle pool invariant (../shared/notes/sglang-internals.md §3);
+* ``radix_cache_backend="kvzap"`` — the prefix cache over pruned KV (``radix_cache.KvzapRadixCache``), unless the
+  user switched the radix cache off (``--disable-radix-cache``); another radix-cache backend is refused;
 * ``disable_overlap_schedule=True`` — with overlap, the scheduler frees finished requests' cells while the next
   forward writes and prunes cells in another thread; the cell store is single-threaded by design.
 """
@@ -32,7 +32,8 @@ from kvzap_sglang.policy import DEFAULT_WINDOW
 logger = logging.getLogger(__name__)
 
 ENGINE_KWARGS = ("kvzap_threshold", "kvzap_surrogate", "kvzap_window", "kvzap_no_decode")
-REQUIRED_SERVER_ARGS = {"disable_radix_cache": True, "disable_overlap_schedule": True}
+REQUIRED_SERVER_ARGS = {"disable_overlap_schedule": True}
+RADIX_CACHE_BACKEND = "kvzap"  # radix_cache.BACKEND_NAME (not imported: that module imports SGLang's tree)
 
 
 def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> dict[str, Any]:
@@ -54,9 +55,18 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
         raise KVzapConfigError("KVzap frees single token entries and needs --page-size 1")
     if server_values.get("speculative_algorithm"):
         raise KVzapConfigError("KVzap does not support speculative decoding")
+    if server_values.get("radix_cache_backend") not in (None, RADIX_CACHE_BACKEND):
+        raise KVzapConfigError(
+            f"KVzap brings its own prefix cache (--radix-cache-backend {RADIX_CACHE_BACKEND}); got "
+            f"--radix-cache-backend {server_values.get('radix_cache_backend')!r}"
+        )
+    if server_values.get("enable_hierarchical_cache"):
+        raise KVzapConfigError("KVzap does not support --enable-hierarchical-cache (HiCache reloads give new slot ids)")
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
     resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch
     overrides = {**REQUIRED_SERVER_ARGS, "attention_backend": "torch_native"}
+    if not server_values.get("disable_radix_cache"):
+        overrides["radix_cache_backend"] = RADIX_CACHE_BACKEND
     logger.info("KVzap on (%s): setting %s", settings, overrides)
     settings.export()
     return overrides

@@ -85,7 +85,14 @@ def add_internal_state(original, self, *args, **kwargs):
     output = original(self, *args, **kwargs)
     rt = runtime.current()
     if rt is not None:
-        output.internal_state[META_KEY] = rt.snapshot()
+        state = rt.snapshot()
+        store = rt.store
+        # Cells held by the prefix cache (radix tree) and the allocator's idle self-checks run so far.
+        state["cells_cached"] = sum(store.group_cells[1:])
+        state["slots_cached"] = sum(store.group_slots[1:])
+        state["prefix_cache"] = type(self.tree_cache).__name__
+        state["idle_checks"] = getattr(self.token_to_kv_pool_allocator, "idle_checks", 0)
+        output.internal_state[META_KEY] = state
     return output
 
 

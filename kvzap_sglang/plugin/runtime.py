@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvzap_sglang.plugin.settings import KVzapConfigError, KVzapSettings, ModelDims, resolve_surrogate
-from kvzap_sglang.storage import CellStore, QueryLayout, prune_window_exits
+from kvzap_sglang.storage import CellStore, QueryLayout, WindowTracker, prune_decided
 from kvzap_sglang.surrogate import CheckpointError, KVzapSurrogate
 
 logger = logging.getLogger(__name__)
@@ -24,12 +24,14 @@ logger = logging.getLogger(__name__)
 class BatchView:
     """What every layer of one forward needs, built once per forward.
 
+    * ``rows`` int64 ``[bs]`` — each request's ``req_to_token`` row (``req_pool_indices``);
     * ``token_slots`` int64 ``[bs, T]`` — each request's slot ids by position (``req_to_token`` rows), ``T = max seq``;
     * ``seq_lens`` int64 ``[bs]`` — tokens after this forward; ``prev_lens`` ``[bs]`` — before it;
     * ``queries`` — where this forward's query rows are (``QueryLayout``);
     * ``out_cache_loc`` int64 ``[num_tokens]`` — slots written by this forward, row-aligned with hidden states.
     """
 
+    rows: torch.Tensor
     token_slots: torch.Tensor
     seq_lens: torch.Tensor
     prev_lens: torch.Tensor
@@ -55,12 +57,35 @@ class KvzapRuntime:
     start_layer: int = 0
     batch: BatchView | None = None
     totals: Totals = field(default_factory=Totals)
+    windows: WindowTracker | None = None
+    # Slots decided in the current forward (left every live window in it); pruned layer by layer.
+    deciding: torch.Tensor | None = None
+    # Highest τ any slot was decided at: a request whose τ is not below it can reuse any cached entry (radix_cache).
+    highest_decided_tau: float = float("-inf")
 
     def layer(self, layer_id: int) -> int:
         return layer_id - self.start_layer
 
+    def track_windows(self, num_rows: int) -> None:
+        """Create the window tracker for ``num_rows`` request rows (once the request pool exists)."""
+        if self.windows is None or self.windows.lo.numel() != num_rows:
+            self.windows = WindowTracker(self.store.config.num_slots, num_rows, self.settings.window, self.store.device)
+
     def begin_forward(self, view: BatchView) -> None:
+        """Move the batch's windows; the slots that now lie outside every live window and are undecided are decided
+        in this forward at the current τ (``after_attention`` frees their low-score entries layer by layer)."""
         self.batch = view
+        leaving = self.windows.advance(view.rows, view.token_slots, view.seq_lens)
+        deciding = leaving[torch.isnan(self.store.slot_decided.index_select(0, leaving))]
+        self.store.slot_decided[deciding] = self.settings.threshold
+        if deciding.numel():
+            self.highest_decided_tau = max(self.highest_decided_tau, self.settings.threshold)
+        self.deciding = deciding
+
+    def release_row(self, row: int, row_slots: torch.Tensor) -> None:
+        """A request gave its row back (finished, aborted, retracted): its window protects nothing any more."""
+        if self.windows is not None:
+            self.windows.release(row, row_slots)
 
     def after_attention(self, layer_id: int, hidden_states: torch.Tensor) -> None:
         """Score the tokens this forward wrote in layer ``layer_id`` and apply the DMS rule to window exits.
@@ -68,6 +93,7 @@ class KvzapRuntime:
         ``hidden_states`` ``[num_tokens, D]`` is the layer's post-input_layernorm attention input, row-aligned with
         ``out_cache_loc`` (../shared/notes/sglang-internals.md §5). Decisions for this layer are final as soon as its
         attention ran (dense prefill, paper Algorithm 1), so its pruned cells are freed before the next layer runs.
+        The slots decided are ``begin_forward``'s (outside every live request's window, decided once).
         """
         view = self.batch
         if view is None or hidden_states.shape[0] == 0:
@@ -77,11 +103,7 @@ class KvzapRuntime:
             with torch.no_grad():
                 scores = self.surrogate.layers[layer](hidden_states.to(self.surrogate_dtype))  # [T, H]
             self.store.set_scores(layer, view.out_cache_loc, scores)
-        freed = prune_window_exits(
-            self.store, layer, view.token_slots, view.prev_lens, view.seq_lens,
-            self.settings.threshold, self.settings.window,
-        )  # fmt: skip
-        self.totals.entries_pruned += int(freed.sum())
+        self.totals.entries_pruned += prune_decided(self.store, layer, self.deciding, self.settings.threshold)
 
     def set_threshold(self, tau: float) -> None:
         """Change τ without a restart (plugin/calibration.py applies it between forwards). Entries already decided

@@ -14,9 +14,17 @@ Tensors (``S = num_slots``, ``N = num_cells``, ``L = layers``, ``H = kv_heads``,
 * ``slot_scores``: ``[S + 1, L, H]`` in ``score_dtype`` (float32 by default: bf16's ~0.03 step at |score|≈4 would
   move entries across τ and break equality with ``policy.keep_mask``); NaN = no score (the DMS rule keeps it).
 
+Per-slot bookkeeping (``[S + 1]`` each), kept exact by every write/reserve/prune/free:
+
+* ``slot_cells`` int32 — cells the slot holds (``layers × kv_heads`` when intact);
+* ``slot_decided`` float32 — the τ at which the slot's entries were decided by the DMS rule, NaN while undecided
+  (inside some request's window). Each slot is decided once; reset when the slot is freed;
+* ``slot_group`` int8 — an owner tag (0 = untagged). A prefix cache tags the slots it holds (evictable / protected)
+  and reads ``group_cells`` / ``group_slots``, which follow pruning without the owner being told.
+
 Invariant (``check_invariants``): every cell id in ``slot_to_cell`` is in use, and every in-use cell appears in
 ``slot_to_cell`` exactly once. So freeing through the map can never double-free, and freeing every slot leaves 0
-cells in use.
+cells in use. The per-slot and per-group counts match the map.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from kvzap_sglang.storage.cell_allocator import CellAllocator
 
 NO_CELL = -1
+NUM_GROUPS = 3  # slot owner tags 0..2 (0 = untagged); the radix cache uses 1 = evictable, 2 = protected
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,11 @@ class CellStore:
         self.slot_to_cell = torch.full(shape, NO_CELL, dtype=torch.int32, device=device)
         self.slot_scores = torch.full(shape, float("nan"), dtype=c.score_dtype, device=device)
         self.allocator = CellAllocator(c.num_cells, device=device)
+        self.slot_cells = torch.zeros(c.num_slots + 1, dtype=torch.int32, device=device)
+        self.slot_decided = torch.full((c.num_slots + 1,), float("nan"), dtype=torch.float32, device=device)
+        self.slot_group = torch.zeros(c.num_slots + 1, dtype=torch.int8, device=device)
+        self.group_cells = [0] * NUM_GROUPS
+        self.group_slots = [c.num_slots + 1] + [0] * (NUM_GROUPS - 1)  # slot 0 included, always untagged
         # Cumulative counters for observability: cells handed to entries (write/reserve), cells freed by prune.
         self.entries_allocated = 0
         self.entries_pruned = 0
@@ -102,8 +116,7 @@ class CellStore:
 
     def cells_held(self, slots: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]``: cells each slot holds over all layers and heads (0 for slot 0)."""
-        slots = self._slots(slots)
-        return (self.slot_to_cell.index_select(0, slots) >= 0).sum(dim=(1, 2))
+        return self.slot_cells.index_select(0, self._slots(slots)).to(torch.int64)
 
     # ------------------------------------------------------------------ writes
 
@@ -144,6 +157,7 @@ class CellStore:
         cells[missing] = self.allocator.alloc(int(missing.sum()))  # raises before any change
         cells[~real] = 0
         self.slot_to_cell[real_slots, layer] = cells[real].to(torch.int32)
+        self._count_cells(real_slots, missing[real].sum(dim=1))
         flat = cells.reshape(-1)
         self.k_cells.index_copy_(0, flat, k.reshape(-1, d).to(self.config.dtype))
         self.v_cells.index_copy_(0, flat, v.reshape(-1, d).to(self.config.dtype))
@@ -170,6 +184,7 @@ class CellStore:
         cells[missing] = self.allocator.alloc(int(missing.sum())).to(torch.int32)  # raises before any change
         self.slot_to_cell[slots] = cells
         self.slot_scores[slots] = torch.where(missing, float("nan"), self.slot_scores.index_select(0, slots))
+        self._count_cells(slots, missing.sum(dim=(1, 2)))
         self.entries_allocated += int(missing.sum())
         return int(missing.sum())
 
@@ -217,11 +232,17 @@ class CellStore:
             raise ValueError(f"head ids must be in 0..{self.config.num_kv_heads - 1}")
         if layers.numel() and bool(((layers < 0) | (layers >= self.config.num_layers)).any()):
             raise ValueError(f"layer ids must be in 0..{self.config.num_layers - 1}")
+        entry = (slots * self.config.num_layers + layers) * self.config.num_kv_heads + heads
+        entry = torch.unique(entry)  # an entry listed twice is freed once
+        heads = entry % self.config.num_kv_heads
+        layers = (entry // self.config.num_kv_heads) % self.config.num_layers
+        slots = entry // (self.config.num_kv_heads * self.config.num_layers)
         cells = self.slot_to_cell[slots, layers, heads].to(torch.int64)
         held = cells >= 0
-        freed = torch.unique(cells[held])
-        self.allocator.free(freed)
-        self.slot_to_cell[slots[held], layers[held], heads[held]] = NO_CELL
+        slots, freed = slots[held], cells[held]
+        self.allocator.free(freed)  # distinct: one cell per entry (map invariant)
+        self.slot_to_cell[slots, layers[held], heads[held]] = NO_CELL
+        self._count_cells(slots, torch.full_like(slots, -1))
         self.entries_pruned += freed.numel()
         return freed.numel()
 
@@ -243,9 +264,46 @@ class CellStore:
         cells = self.slot_to_cell.index_select(0, slots)  # [n, L, H]
         held = cells[cells >= 0]
         self.allocator.free(held)  # distinct by the map invariant
+        self._count_cells(slots, -self.slot_cells.index_select(0, slots))
+        self.set_group(slots, 0)
         self.slot_to_cell[slots] = NO_CELL
         self.slot_scores[slots] = float("nan")
+        self.slot_decided[slots] = float("nan")
         return held.numel()
+
+    # ------------------------------------------------------------------ owner tags
+
+    def set_group(self, slots: torch.Tensor, group: int) -> None:
+        """Tag ``slots`` ``[n]`` (slot 0 ignored) with owner group ``group``; moves their cells between the
+        per-group counts. Tagging a slot with its current group is a no-op."""
+        if not 0 <= group < NUM_GROUPS:
+            raise ValueError(f"group must be in 0..{NUM_GROUPS - 1}, got {group}")
+        slots = self._slots(slots)
+        slots = torch.unique(slots[slots != 0])
+        old = self.slot_group.index_select(0, slots).to(torch.int64)
+        moving = old != group
+        if not bool(moving.any()):
+            return
+        slots, old = slots[moving], old[moving]
+        cells = self.slot_cells.index_select(0, slots).to(torch.int64)
+        cells_by_group = torch.bincount(old, weights=cells, minlength=NUM_GROUPS).tolist()
+        slots_by_group = torch.bincount(old, minlength=NUM_GROUPS).tolist()
+        for g in range(NUM_GROUPS):
+            self.group_cells[g] -= int(cells_by_group[g])
+            self.group_slots[g] -= int(slots_by_group[g])
+        self.group_cells[group] += int(cells.sum())
+        self.group_slots[group] += slots.numel()
+        self.slot_group[slots] = group
+
+    def _count_cells(self, slots: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add ``delta[i]`` cells to slot ``slots[i]`` (a slot may repeat) and to its group's count."""
+        if slots.numel() == 0:
+            return
+        delta = delta.to(torch.int64)
+        self.slot_cells.index_add_(0, slots, delta.to(torch.int32))
+        groups = self.slot_group.index_select(0, slots).to(torch.int64)
+        for g, d in enumerate(torch.bincount(groups, weights=delta, minlength=NUM_GROUPS).tolist()):
+            self.group_cells[g] += int(d)
 
     # ------------------------------------------------------------------ checks
 
@@ -259,6 +317,13 @@ class CellStore:
         refs = torch.bincount(mapped, minlength=self.config.num_cells + 1)
         assert bool((refs <= 1).all()), "a cell is referenced by two entries"
         assert torch.equal(refs.bool(), self.allocator.in_use), "map references and in-use cells differ (leak?)"
+        per_slot = (self.slot_to_cell >= 0).sum(dim=(1, 2)).to(torch.int32)
+        assert torch.equal(per_slot, self.slot_cells), "slot_cells differs from the map"
+        groups = self.slot_group.to(torch.int64)
+        cells = torch.bincount(groups, weights=per_slot.to(torch.int64), minlength=NUM_GROUPS).tolist()
+        assert [int(c) for c in cells] == self.group_cells, f"group_cells {self.group_cells} != map {cells}"
+        assert torch.bincount(groups, minlength=NUM_GROUPS).tolist() == self.group_slots, "group_slots differs"
+        assert int(self.slot_group[0]) == 0, "padding slot 0 is tagged"
 
     # ------------------------------------------------------------------ helpers
 
