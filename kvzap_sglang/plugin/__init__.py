@@ -49,8 +49,14 @@ def register() -> None:
             launch.make_server_args_factory(engine_module.Engine.server_args_class)
         )
 
-    if KVzapSettings.from_env() is not None:
+    settings = KVzapSettings.from_env()
+    if settings is not None:
         _register_serving_hooks(HookRegistry, HookType)
+        if settings.tenants is not None:
+            from kvzap_sglang.plugin.tenants import admit_within_budgets
+
+            HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+                                  admit_within_budgets, HookType.AROUND)  # fmt: skip
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)

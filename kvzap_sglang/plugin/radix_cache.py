@@ -77,7 +77,10 @@ class KvzapRadixCache(RadixCache):
         request_len = len(params.key)
         if params.req is not None:
             request_len = max(request_len, len(params.req.origin_input_ids) + len(params.req.output_ids))
-        usable = self.usable_prefix_len(path, request_len, rt.settings.window, rt.settings.threshold)
+        window = rt.settings.window
+        if rt.tenants is not None and params.req is not None:
+            window = rt.tenants.windows[rt.tenants.index_of_request(params.req)]
+        usable = self.usable_prefix_len(path, request_len, window, rt.tenant_threshold(params.req))
         if usable == len(path):
             return result
         if usable == 0:
@@ -202,9 +205,22 @@ class KvzapRadixCache(RadixCache):
             return 0
         return self._evict_until(lambda freed_cells, freed_slots: freed_slots >= num_slots)[1]
 
-    def _evict_until(self, enough) -> tuple[int, int]:
+    def evict_tenant(self, tenant: int, num_cells: int) -> int:
+        """Evict ``tenant``'s cached leaves (never another tenant's: namespaces are per tenant) until ``num_cells``
+        cells are free; returns cells freed (multi-tenant budgets, ``tenants.admit_within_budgets``)."""
+        if self.disable or num_cells <= 0:
+            return 0
+        tags = self.store.tenant.tag
+
+        def owned(leaf) -> bool:
+            return leaf.value.numel() > 0 and int(tags[leaf.value[0]]) == tenant
+
+        return self._evict_until(lambda freed_cells, freed_slots: freed_cells >= num_cells, owned)[0]
+
+    def _evict_until(self, enough, eligible=None) -> tuple[int, int]:
         start_time = time.perf_counter()
-        heap = [(self.eviction_strategy.get_priority(node), node) for node in self.evictable_leaves]
+        leaves = [n for n in self.evictable_leaves if eligible is None or eligible(n)]
+        heap = [(self.eviction_strategy.get_priority(node), node) for node in leaves]
         heapq.heapify(heap)
         freed_cells = freed_slots = 0
         while not enough(freed_cells, freed_slots) and heap:
@@ -214,7 +230,8 @@ class KvzapRadixCache(RadixCache):
             self.token_to_kv_pool_allocator.free_segment(leaf.value, start_pos=0)
             self._delete_leaf(leaf)
             parent = leaf.parent
-            if not parent.children and parent.lock_ref == 0 and parent is not self.root_node:
+            if (not parent.children and parent.lock_ref == 0 and parent is not self.root_node
+                    and (eligible is None or eligible(parent))):  # fmt: skip
                 heapq.heappush(heap, (self.eviction_strategy.get_priority(parent), parent))
             self.kv_events.record_remove(leaf)
         self.update_eviction_metrics(freed_slots, start_time)

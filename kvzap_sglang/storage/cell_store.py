@@ -19,8 +19,10 @@ Per-slot bookkeeping (``[S + 1]`` each), kept exact by every write/reserve/prune
 * ``slot_cells`` int32 — cells the slot holds (``layers × kv_heads`` when intact);
 * ``slot_decided`` float32 — the τ at which the slot's entries were decided by the DMS rule, NaN while undecided
   (inside some request's window). Each slot is decided once; reset when the slot is freed;
-* ``slot_group`` int8 — an owner tag (0 = untagged). A prefix cache tags the slots it holds (evictable / protected)
-  and reads ``group_cells`` / ``group_slots``, which follow pruning without the owner being told.
+* ``owner`` / ``tenant`` — ``SlotTags``: an owner tag (0 = untagged; a prefix cache tags the slots it holds as
+  evictable / protected) and a tenant tag (multi-tenant budgets), each with cell and slot counts per value that
+  follow pruning without the owner being told. ``slot_group`` / ``group_cells`` / ``group_slots`` /
+  ``set_group`` are the owner tag's.
 
 Invariant (``check_invariants``): every cell id in ``slot_to_cell`` is in use, and every in-use cell appears in
 ``slot_to_cell`` exactly once. So freeing through the map can never double-free, and freeing every slot leaves 0
@@ -34,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from kvzap_sglang.storage.cell_allocator import CellAllocator
+from kvzap_sglang.storage.slot_tags import SlotTags
 
 NO_CELL = -1
 NUM_GROUPS = 3  # slot owner tags 0..2 (0 = untagged); the radix cache uses 1 = evictable, 2 = protected
+MAX_TENANTS = 64  # tenant tags 0..63 (0 = the default tenant)
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,8 @@ class CellStore:
         self.allocator = CellAllocator(c.num_cells, device=device)
         self.slot_cells = torch.zeros(c.num_slots + 1, dtype=torch.int32, device=device)
         self.slot_decided = torch.full((c.num_slots + 1,), float("nan"), dtype=torch.float32, device=device)
-        self.slot_group = torch.zeros(c.num_slots + 1, dtype=torch.int8, device=device)
-        self.group_cells = [0] * NUM_GROUPS
-        self.group_slots = [c.num_slots + 1] + [0] * (NUM_GROUPS - 1)  # slot 0 included, always untagged
+        self.owner = SlotTags(c.num_slots, NUM_GROUPS, device)
+        self.tenant = SlotTags(c.num_slots, MAX_TENANTS, device)
         # Cumulative counters for observability: cells handed to entries (write/reserve), cells freed by prune.
         self.entries_allocated = 0
         self.entries_pruned = 0
@@ -265,7 +268,8 @@ class CellStore:
         held = cells[cells >= 0]
         self.allocator.free(held)  # distinct by the map invariant
         self._count_cells(slots, -self.slot_cells.index_select(0, slots))
-        self.set_group(slots, 0)
+        self.owner.set(slots, 0, self.slot_cells)
+        self.tenant.set(slots, 0, self.slot_cells)
         self.slot_to_cell[slots] = NO_CELL
         self.slot_scores[slots] = float("nan")
         self.slot_decided[slots] = float("nan")
@@ -273,37 +277,39 @@ class CellStore:
 
     # ------------------------------------------------------------------ owner tags
 
+    @property
+    def slot_group(self) -> torch.Tensor:
+        return self.owner.tag
+
+    @property
+    def group_cells(self) -> list[int]:
+        return self.owner.cells
+
+    @property
+    def group_slots(self) -> list[int]:
+        return self.owner.slots
+
     def set_group(self, slots: torch.Tensor, group: int) -> None:
-        """Tag ``slots`` ``[n]`` (slot 0 ignored) with owner group ``group``; moves their cells between the
-        per-group counts. Tagging a slot with its current group is a no-op."""
-        if not 0 <= group < NUM_GROUPS:
-            raise ValueError(f"group must be in 0..{NUM_GROUPS - 1}, got {group}")
+        """Tag ``slots`` ``[n]`` (slot 0 ignored) with owner ``group``; their cells move between the per-owner
+        counts. Tagging a slot with its current owner is a no-op."""
+        self.owner.set(self._distinct_real(slots), group, self.slot_cells)
+
+    def set_tenant(self, slots: torch.Tensor, tenant: int) -> None:
+        """Tag ``slots`` ``[n]`` (slot 0 ignored) with ``tenant``: their cells count against that tenant."""
+        self.tenant.set(self._distinct_real(slots), tenant, self.slot_cells)
+
+    def _distinct_real(self, slots: torch.Tensor) -> torch.Tensor:
         slots = self._slots(slots)
-        slots = torch.unique(slots[slots != 0])
-        old = self.slot_group.index_select(0, slots).to(torch.int64)
-        moving = old != group
-        if not bool(moving.any()):
-            return
-        slots, old = slots[moving], old[moving]
-        cells = self.slot_cells.index_select(0, slots).to(torch.int64)
-        cells_by_group = torch.bincount(old, weights=cells, minlength=NUM_GROUPS).tolist()
-        slots_by_group = torch.bincount(old, minlength=NUM_GROUPS).tolist()
-        for g in range(NUM_GROUPS):
-            self.group_cells[g] -= int(cells_by_group[g])
-            self.group_slots[g] -= int(slots_by_group[g])
-        self.group_cells[group] += int(cells.sum())
-        self.group_slots[group] += slots.numel()
-        self.slot_group[slots] = group
+        return torch.unique(slots[slots != 0])
 
     def _count_cells(self, slots: torch.Tensor, delta: torch.Tensor) -> None:
-        """Add ``delta[i]`` cells to slot ``slots[i]`` (a slot may repeat) and to its group's count."""
+        """Add ``delta[i]`` cells to slot ``slots[i]`` (a slot may repeat) and to its tags' counts."""
         if slots.numel() == 0:
             return
         delta = delta.to(torch.int64)
         self.slot_cells.index_add_(0, slots, delta.to(torch.int32))
-        groups = self.slot_group.index_select(0, slots).to(torch.int64)
-        for g, d in enumerate(torch.bincount(groups, weights=delta, minlength=NUM_GROUPS).tolist()):
-            self.group_cells[g] += int(d)
+        self.owner.count(slots, delta)
+        self.tenant.count(slots, delta)
 
     # ------------------------------------------------------------------ checks
 
@@ -319,11 +325,8 @@ class CellStore:
         assert torch.equal(refs.bool(), self.allocator.in_use), "map references and in-use cells differ (leak?)"
         per_slot = (self.slot_to_cell >= 0).sum(dim=(1, 2)).to(torch.int32)
         assert torch.equal(per_slot, self.slot_cells), "slot_cells differs from the map"
-        groups = self.slot_group.to(torch.int64)
-        cells = torch.bincount(groups, weights=per_slot.to(torch.int64), minlength=NUM_GROUPS).tolist()
-        assert [int(c) for c in cells] == self.group_cells, f"group_cells {self.group_cells} != map {cells}"
-        assert torch.bincount(groups, minlength=NUM_GROUPS).tolist() == self.group_slots, "group_slots differs"
-        assert int(self.slot_group[0]) == 0, "padding slot 0 is tagged"
+        self.owner.check(per_slot, "owner")
+        self.tenant.check(per_slot, "tenant")
 
     # ------------------------------------------------------------------ helpers
 

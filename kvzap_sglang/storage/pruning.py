@@ -91,9 +91,9 @@ def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return unique, first
 
 
-def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float) -> int:
-    """Free the cells of ``slots`` ``[n]`` (distinct) whose stored score is ``< threshold``, in ``layer`` (or every
-    layer for ``None``); returns the cells freed.
+def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float | torch.Tensor) -> int:
+    """Free the cells of ``slots`` ``[n]`` (distinct) whose stored score is ``< threshold`` (one τ, or one per slot
+    ``[n]``: multi-tenant), in ``layer`` (or every layer for ``None``); returns the cells freed.
 
     The shared-prefix counterpart of ``prune_window_exits``: the caller has already worked out which slots are
     decided now (``windows.WindowTracker.advance``: outside every live request's window, not decided before).
@@ -109,6 +109,8 @@ def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, thre
             raise ValueError(f"layer must be in 0..{store.config.num_layers - 1}, got {layer}")
         scores = store.slot_scores[:, layer].index_select(0, slots)[:, None]  # [n, 1, H]
         cells = store.slot_to_cell[:, layer].index_select(0, slots)[:, None]
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.reshape(-1, 1, 1).to(device=store.device, dtype=scores.dtype)
     rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)
     layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
     return store.prune_entries(slots[rows], layers, heads)

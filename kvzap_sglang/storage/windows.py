@@ -36,11 +36,13 @@ class WindowTracker:
         self.lo = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
         self.hi = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
 
-    def advance(self, rows: torch.Tensor, token_slots: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
+    def advance(self, rows: torch.Tensor, token_slots: torch.Tensor, new_lens: torch.Tensor,
+                windows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Move the windows of ``rows`` ``[bs]`` to the last ``window`` of ``new_lens`` ``[bs]`` tokens.
 
         Args:
             token_slots: ``[bs, T]`` slot ids by position, ``T >= max(new_lens)``.
+            windows: optional ``[bs]`` window per row (per-tenant windows); default ``self.window``.
 
         Returns:
             int64 ``[n]`` distinct slots that left (or never entered) a window in this call — positions before the
@@ -55,7 +57,8 @@ class WindowTracker:
         lo, hi = self.lo[rows], self.hi[rows]
         if bool((new_lens < hi).any()):
             raise ValueError("a request's length went down between forwards")
-        new_lo = (new_lens - self.window).clamp_min(0)
+        window = self.window if windows is None else windows.reshape(-1).to(device=self.device, dtype=torch.int64)
+        new_lo = (new_lens - window).clamp_min(0)
         pos = torch.arange(token_slots.shape[1], device=self.device)[None, :]
         was = (pos >= lo[:, None]) & (pos < hi[:, None])
         now = (pos >= new_lo[:, None]) & (pos < new_lens[:, None])

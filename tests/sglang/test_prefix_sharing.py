@@ -6,7 +6,7 @@
 * a property-style stress test (random shared prefixes, lengths around the window, aborts, a pool small enough to
   evict, chunked prefill) with ``KVZAP_CHECK_INVARIANTS=1``: SGLang's strict idle check (which raises on a broken
   ``available + evictable + protected == total``) then also recounts the whole cell store, so a leaked or
-  double-freed entry stops the scheduler and fails the test. 400 requests in the suite (a few minutes on 2 cores);
+  double-freed entry stops the scheduler and fails the test. 200 requests in the suite (a few minutes on 2 cores);
   ``KVZAP_PREFIX_STRESS_REQUESTS=2000`` runs the full-size version of the issue's closing note.
 """
 
@@ -126,7 +126,7 @@ def test_multi_turn_chat_keeps_hitting_the_cache(mlp_server, tokenizer):
 
 # ---------------------------------------------------------------------------------------------------- stress
 
-STRESS_REQUESTS = int(os.environ.get("KVZAP_PREFIX_STRESS_REQUESTS", "400"))
+STRESS_REQUESTS = int(os.environ.get("KVZAP_PREFIX_STRESS_REQUESTS", "200"))
 WINDOW, POOL_TOKENS = 16, 1024
 
 
@@ -168,7 +168,7 @@ def test_stress_shared_prefixes_aborts_evictions_keep_every_invariant(stress_ser
                               range(STRESS_REQUESTS)))  # fmt: skip
     assert len(metas) == STRESS_REQUESTS
     assert sum(m["finish_reason"]["type"] == "abort" for m in metas) >= STRESS_REQUESTS // 100, "aborts happened"
-    cached = sum(m["cached_tokens"] for m in metas)
+    cached = sum(m.get("cached_tokens", 0) for m in metas)  # an aborted request may report none
     prompt = sum(m["prompt_tokens"] for m in metas)
     assert cached > 0.2 * prompt, "shared prefixes were reused"
     assert prompt > 10 * POOL_TOKENS, "far more tokens than the pool holds: the cache had to evict"
