@@ -234,3 +234,25 @@ def _prose() -> str:
     from pydoc_data.topics import topics
 
     return " ".join(" ".join(topics[name].split()) for name in sorted(topics))
+
+
+def make_shared_document(tokenizer, target_tokens: int, num_questions: int, seed: int) -> tuple[str, list[Sample]]:
+    """One RULER-style document of about ``target_tokens`` tokens holding ``num_questions`` needles, and one
+    single-key retrieval sample per needle (same ``context``, different questions): the prefix-sharing workload
+    (one document, many questions)."""
+    if target_tokens < MIN_TARGET_TOKENS:
+        raise ValueError(f"target length must be >= {MIN_TARGET_TOKENS} tokens, got {target_tokens}")
+    rng = random.Random(f"shared:{target_tokens}:{num_questions}:{seed}")
+    keys = _distinct(rng, _key, num_questions)
+    pairs = [(key, _magic_number(rng)) for key in keys]
+    needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in pairs]
+    frame = f"{RULER_PREAMBLE}\n{' '.join(needles)}"
+    haystack = _window(tokenizer, _essay(), max(target_tokens - _count(tokenizer, frame), 16), rng)
+    context = f"{RULER_PREAMBLE}\n{_insert(haystack, needles, rng)}"
+    samples = [
+        Sample("niah_shared", target_tokens, seed, context,
+               f"What is the special magic number for {key} mentioned in the provided text?",
+               f"The special magic number for {key} mentioned in the provided text is", (value,), 16)
+        for key, value in pairs
+    ]  # fmt: skip
+    return context, samples

@@ -142,6 +142,37 @@ def _surrogate_and_threshold(args: argparse.Namespace) -> tuple[Path, float]:
     return path, float(threshold)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Server-wide and per-tenant KVzap figures of a running server (its ``/server_info``)."""
+    import requests
+
+    try:
+        response = requests.get(f"{args.url.rstrip('/')}/server_info", timeout=args.timeout)
+        response.raise_for_status()
+    except requests.RequestException as error:
+        print(f"error: cannot read {args.url}/server_info: {error}", file=sys.stderr)
+        return 1
+    states = response.json().get("internal_states") or [{}]
+    state = states[0].get("kvzap")
+    if state is None:
+        print(f"error: {args.url} does not run KVzap (no kvzap state in /server_info)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"τ {state['threshold']}  window {state['window']}  surrogate {state['surrogate']}  "
+          f"cells {state['cells_in_use']}/{state['cells_total']} in use ({state.get('cells_cached', 0)} cached)  "
+          f"removed fraction {state['removed_fraction']:.3f}  requests finished {state['requests_finished']}")  # fmt: skip
+    tenants = state.get("tenants") or {}
+    if tenants:
+        print(f"{'tenant':<16} {'τ':>7} {'window':>6} {'cells held':>10} {'budget':>10} {'queued':>6} {'removed':>7}")
+        for name, t in tenants.items():
+            budget = "-" if t["budget_cells"] is None else str(t["budget_cells"])
+            print(f"{name:<16} {t['threshold']:>7.3f} {t['window']:>6} {t['cells_held']:>10} {budget:>10} "
+                  f"{t['queued_requests']:>6} {t['removed_fraction']:>7.3f}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvzap-sglang", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     # fp32 is the default: on the project's torch 2.14.1+cu130 CPU build, bf16 matmuls measured ~4x slower.
     prune.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     prune.set_defaults(handler=_cmd_prune)
+
+    status = commands.add_parser("status", help="print a running server's KVzap figures, per tenant")
+    status.add_argument("--url", default="http://127.0.0.1:30000", help="the SGLang server (default %(default)s)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--timeout", type=float, default=10.0)
+    status.set_defaults(handler=_cmd_status)
     return parser
 
 

@@ -9,8 +9,8 @@ only in processes whose environment says KVzap is on (``settings.KVzapSettings.f
 
 Modules: ``settings`` (flags/env/validation), ``launch`` (CLI + Engine + fail-fast checks), ``cell_pool`` (KV pool
 and slot allocator on the cell store), ``runtime`` (per-process state, scoring + DMS decisions), ``hooks`` (pool
-builder and attention-layer seams), ``attention_backend`` (torch attention over cells), ``reporting``
-(meta_info, /server_info, /metrics).
+builder and attention-layer seams), ``attention_backend`` (torch attention over cells), ``radix_cache`` (prefix
+sharing of pruned KV, radix-cache backend ``kvzap``), ``reporting`` (meta_info, /server_info, /metrics).
 """
 
 from __future__ import annotations
@@ -49,8 +49,14 @@ def register() -> None:
             launch.make_server_args_factory(engine_module.Engine.server_args_class)
         )
 
-    if KVzapSettings.from_env() is not None:
+    settings = KVzapSettings.from_env()
+    if settings is not None:
         _register_serving_hooks(HookRegistry, HookType)
+        if settings.tenants is not None:
+            from kvzap_sglang.plugin.tenants import admit_within_budgets
+
+            HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+                                  admit_within_budgets, HookType.AROUND)  # fmt: skip
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)
@@ -68,6 +74,7 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
     for target in hooks.ATTENTION_MODULES:
         HookRegistry.register(target, hooks.score_after_attention, HookType.AROUND)
     HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", reporting.record_release, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", hooks.release_window, HookType.AROUND)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer",
         reporting.KvzapOutputStreamer,
@@ -79,3 +86,9 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
     # KVzap on + CPU: the torch_native choice (required at launch) is served by the cell-store backend.
     register_attention_backend("kvzap_torch")(create_kvzap_torch_backend)
     register_attention_backend("torch_native")(create_kvzap_torch_backend)
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    from kvzap_sglang.plugin.radix_cache import BACKEND_NAME, create_kvzap_radix_cache
+
+    if get_radix_cache_factory(BACKEND_NAME) is None:
+        register_radix_cache_backend(BACKEND_NAME, create_kvzap_radix_cache)

@@ -30,6 +30,9 @@ class KvzapTorchAttnBackend(AttentionBackend):
         if not isinstance(self.pool, KvzapCellPool):
             raise RuntimeError("the kvzap_torch attention backend needs KVzap's cell pool (start with --kvzap-threshold)")
         self.store = self.pool.store
+        rt = runtime.current()
+        if rt is not None:
+            rt.track_windows(self.req_to_token_pool.req_to_token.shape[0])
 
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_idle():
@@ -40,6 +43,7 @@ class KvzapTorchAttnBackend(AttentionBackend):
         max_len = int(seq_lens.max()) if seq_lens.numel() else 0
         token_slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :max_len].to(torch.int64)
         view = runtime.BatchView(
+            rows=forward_batch.req_pool_indices.to(torch.int64),
             token_slots=token_slots,
             seq_lens=seq_lens,
             prev_lens=seq_lens - extend_lens,

@@ -18,8 +18,10 @@ Scheduler process, when KVzap is on and a Redis URL is configured:
   τ and its later ones with the new τ (each entry is judged once, paper Algorithm 1).
 * ``/server_info``: ``internal_states[0]["kvzap_calibration"]`` (τ, its source, watcher and sink counters).
 
-Every summary's tenant is ``"default"``: SGLang 0.5.23 requests carry no tenant (``extra_key`` is a cache-isolation
-salt that may be per user, which would open one Redis series per user).
+With ``--kvzap-tenants``, each summary is filed under its request's tenant and every configured tenant has its own
+watcher: the service's τ for (model, task, tenant) becomes that tenant's τ (a (model, task) τ only reaches tenants
+whose τ the tenants file leaves open). Without tenants, every summary's tenant is ``"default"`` (a bare
+``extra_key`` is a cache-isolation salt that may be per user, which would open one Redis series per user).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvzap_sglang.plugin import runtime
+from kvzap_sglang.tenants import tenant_of_extra_key
 from kvzap_sglang.plugin.settings import (
     ENV_THRESHOLD,
     CalibrationSettings,
@@ -179,6 +182,8 @@ class CalibrationLink:
     sample_errors: int = 0
     initial_tau: float | None = None
     last_error: str | None = field(default=None, repr=False)
+    tenant_watchers: dict = field(default_factory=dict)  # tenant name → ThresholdWatcher (--kvzap-tenants)
+    fixed_tau_tenants: frozenset = frozenset()  # tenants whose τ the tenants file sets
 
     @classmethod
     def start(cls, settings: CalibrationSettings, model_id: str, initial_tau: float) -> CalibrationLink:
@@ -198,7 +203,16 @@ class CalibrationLink:
             "KVzap calibration: model=%s task=%s sample_rate=%s, τ polled every %ss (stored τ: %s)",
             model_id, settings.task, settings.sample_rate, settings.tau_poll_s, watcher.tau,
         )  # fmt: skip
-        return cls(settings, model_id, sink, watcher, initial_tau=initial_tau)
+        link = cls(settings, model_id, sink, watcher, initial_tau=initial_tau)
+        tenants = tenants_config()
+        if tenants is not None:
+            store = ThresholdStore(client, settings.redis_prefix)
+            link.tenant_watchers = {
+                name: ThresholdWatcher(store, model_id, settings.task, name, poll_interval_s=settings.tau_poll_s).start()
+                for name in tenants.tenants
+            }  # fmt: skip
+            link.fixed_tau_tenants = frozenset(n for n, spec in tenants.tenants.items() if spec.threshold is not None)
+        return link
 
     def apply_tau(self, rt: runtime.KvzapRuntime) -> None:
         """Make the watcher's τ the runtime's τ (scheduler thread, between forwards)."""
@@ -214,6 +228,21 @@ class CalibrationLink:
             getattr(record, "source", "?"),
             f", target removed fraction {record.target_ratio}" if getattr(record, "target_ratio", None) is not None else "",
         )  # fmt: skip
+
+    def apply_tenant_taus(self, rt: runtime.KvzapRuntime) -> None:
+        """Each tenant watcher's τ becomes its tenant's τ (scheduler thread, between forwards)."""
+        if rt.tenants is None:
+            return
+        for name, watcher in self.tenant_watchers.items():
+            tau, record = watcher.tau, watcher.record
+            if tau is None or record is None:
+                continue
+            if record.tenant != name and name in self.fixed_tau_tenants:
+                continue  # only the tenant's own record overrides a τ the tenants file sets
+            if rt.tenants.thresholds[rt.tenants.index(name)] != tau:
+                rt.set_tenant_threshold(name, tau)
+                self.tau_changes += 1
+                logger.info("KVzap τ of tenant %s -> %s (%s)", name, tau, record.source)
 
     def sample(self, req, tree_cache, rt: runtime.KvzapRuntime) -> None:
         """Summarise a finished request's scores and hand the summary to the sink (never blocks on Redis)."""
@@ -238,7 +267,7 @@ class CalibrationLink:
             rt.settings.window,
             model=self.model_id,
             task=self.settings.task,
-            tenant=DEFAULT_TENANT,
+            tenant=tenant_of_extra_key(getattr(req, "extra_key", None)) if rt.tenants is not None else DEFAULT_TENANT,
         )
         self.sink.offer(summary)
 
@@ -261,6 +290,11 @@ class CalibrationLink:
 
 
 _link: CalibrationLink | None = None
+
+
+def tenants_config():
+    settings = KVzapSettings.from_env()
+    return None if settings is None else settings.tenants_config()
 
 
 def current() -> CalibrationLink | None:
@@ -298,6 +332,7 @@ def apply_tau_before_batch(*args, **kwargs):
     link, rt = _link, runtime.current()
     if link is not None and rt is not None:
         link.apply_tau(rt)
+        link.apply_tenant_taus(rt)
     return None
 
 
@@ -307,6 +342,7 @@ def add_internal_state(output, *args, **kwargs):
     if link is not None:
         if rt is not None:
             link.apply_tau(rt)  # also between forwards: /server_info shows the τ the next forward uses
+            link.apply_tenant_taus(rt)
         output.internal_state[META_KEY] = link.snapshot(rt)
     return None
 

@@ -8,7 +8,8 @@
   always has its ``layers × kv_heads`` cells, so a forward can never run out of cells half-way (SGLang admits
   requests by ``available_size()`` before the forward writes anything). Pruning frees cells at once; freeing a slot
   frees whatever cells it still holds. Capacity in token-equivalents:
-  ``available_size() = min(free slots, free cells // (layers · kv_heads))``.
+  ``available_size() = min(free cells // (layers · kv_heads), free slots + slots of evictable cached prefixes)``;
+  when slots (not cells) run short, ``alloc`` has the radix cache evict leaves for slots (``slot_reclaimer``).
 
 Sizing: ``--max-total-tokens N`` (or SGLang's memory-based size) buys exactly the memory of the stock pool,
 ``N · layers · kv_heads`` cells; the scheduler's total stays ``N`` so its idle invariant
@@ -18,6 +19,7 @@ Sizing: ``--max-total-tokens N`` (or SGLang's memory-based size) buys exactly th
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Virtual slots per token of cell capacity. A slot costs L·H·(4 + 4) bytes of map (≈0.7 KB for SmolLM2) vs
 # 2·L·H·d·2 = 23 KB of bf16 K/V, so 4x slots is cheap and lets up to 75 % pruning turn into admitted tokens.
 SLOTS_PER_TOKEN = 4
+# Owner tags of slots held by the radix cache (CellStore.set_group); untagged (0) slots belong to requests.
+EVICTABLE, PROTECTED = 1, 2
 
 
 class KvzapCellPool(MHATokenToKVPool):
@@ -109,29 +113,40 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
     def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: KvzapCellPool, need_sort: bool):
         self.store: CellStore = kvcache.store
         self.entries_per_token = self.store.config.entries_per_token
+        self.slot_reclaimer = None  # set by the KVzap radix cache: evicts cached leaves until n slots are free
+        # KVZAP_CHECK_INVARIANTS=1: the idle check also recounts the whole store (O(slots · layers · heads)).
+        self.deep_checks = os.environ.get("KVZAP_CHECK_INVARIANTS") == "1"
+        self._changes = self._checked_at = 0
+        self.idle_checks = 0
         super().__init__(size, dtype, device, kvcache, need_sort)
 
     def clear(self):
         self.free_pages = torch.arange(1, self.store.config.num_slots + 1, dtype=torch.int64, device=self.device)
         self.free_group = None
         self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
-        self.store.free_slots(torch.nonzero((self.store.slot_to_cell >= 0).any(dim=(1, 2))).reshape(-1))
+        self.store.free_slots(self.free_pages)  # every slot: cells, tags and decisions (flush_cache, start-up)
+
+    def free_slot_count(self) -> int:
+        return len(self.free_pages) + len(self.release_pages)
 
     def available_size(self):
-        free_slots = len(self.free_pages) + len(self.release_pages)
-        return min(free_slots, self.store.free_cells() // self.entries_per_token)
+        reclaimable = self.free_slot_count() + self.store.group_slots[EVICTABLE]
+        return min(reclaimable, self.store.free_cells() // self.entries_per_token)
 
     def alloc(self, need_size: int):
         if need_size > self.available_size():
             return None
+        short = need_size - self.free_slot_count()
+        if short > 0 and self.slot_reclaimer is not None:
+            self.slot_reclaimer(short)
         slots = super().alloc(need_size)
         if slots is None:
             return None
-        cells = self.store.allocator.alloc(need_size * self.entries_per_token)
-        self.store.slot_to_cell[slots] = cells.view(need_size, *self.store.slot_to_cell.shape[1:]).to(torch.int32)
+        reserved = self.store.reserve(slots)
+        self._changes += 1
         rt = runtime.current()
         if rt is not None:
-            rt.totals.entries_reserved += cells.numel()
+            rt.totals.entries_reserved += reserved
         return slots
 
     def free(self, free_index: torch.Tensor):
@@ -140,4 +155,40 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
         if self.free_group is None:  # grouped frees come back here once, at free_group_end()
             self.store.free_slots(free_index)
             runtime.notify_cells_released()
+            self._changes += 1
         super().free(free_index)
+
+    def verify_byte_accounting(self) -> list[str]:
+        """SGLang's idle-time allocator diagnostic (violations are reported as leaks; they raise in SGLang's default
+        strict idle mode). Checks, in cells, that every cell is free or held by the prefix cache, and that no
+        request window is left; with ``KVZAP_CHECK_INVARIANTS=1`` also recounts the store and the slot free list."""
+        problems = list(super().verify_byte_accounting())
+        store = self.store
+        cached = store.group_cells[EVICTABLE] + store.group_cells[PROTECTED]
+        if store.free_cells() + cached != store.config.num_cells:
+            problems.append(f"KVzap cells: {store.free_cells()} free + {cached} held by the prefix cache != "
+                            f"{store.config.num_cells} (leak)")  # fmt: skip
+        rt = runtime.current()
+        if rt is not None and rt.windows is not None and bool(rt.windows.refs.any()):
+            problems.append("KVzap: request windows still referenced at idle")
+        if self.deep_checks and self._checked_at != self._changes:
+            self._checked_at = self._changes
+            problems += self._deep_check()
+        self.idle_checks += 1
+        return problems
+
+    def _deep_check(self) -> list[str]:
+        try:
+            self.store.check_invariants()
+            if self.free_group is None:
+                free = torch.cat((self.free_pages, self.release_pages))
+                assert torch.unique(free).numel() == free.numel(), "a slot is on the free list twice"
+                assert not bool((self.store.slot_cells[free] > 0).any()), "a free slot holds cells"
+                assert not bool((self.store.slot_group[free] != 0).any()), "a free slot is tagged as cached"
+                cached = self.store.group_slots[EVICTABLE] + self.store.group_slots[PROTECTED]
+                assert free.numel() + cached == self.store.config.num_slots, (
+                    f"{free.numel()} free + {cached} cached slots != {self.store.config.num_slots} at idle"
+                )
+        except AssertionError as error:
+            return [f"KVzap store invariant: {error}"]
+        return []

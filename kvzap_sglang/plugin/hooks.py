@@ -7,6 +7,8 @@
   the cell pool.
 * ``score_after_attention`` — AROUND ``{Llama,Qwen2,Qwen3}Attention.forward``: after the layer's attention (this
   forward's K/V are in the cells), score the layer's post-norm inputs and prune window exits.
+* ``release_window`` — AROUND ``release_kv_cache``: a request that gives its row back (finished, aborted,
+  retracted) stops protecting the slots of its window.
 """
 
 from __future__ import annotations
@@ -49,3 +51,11 @@ def score_after_attention(original, self, positions=None, hidden_states=None, fo
     if rt is not None and forward_batch is not None and not forward_batch.forward_mode.is_idle():
         rt.after_attention(self.attn.layer_id, hidden_states)
     return out
+
+
+def release_window(original, req, tree_cache, *args, **kwargs):
+    rt = runtime.current()
+    kv = getattr(req, "kv", None)
+    if rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None:
+        rt.release_row(kv.req_pool_idx, tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx])
+    return original(req, tree_cache, *args, **kwargs)

@@ -4,8 +4,8 @@ Runs in the launching process only. Whatever the entry point, ``prepare_launch``
 served model (surrogate dims) and the server configuration KVzap supports, exports them for the spawned scheduler
 (``settings.KVzapSettings.export``) and returns the ``ServerArgs`` values KVzap needs:
 
-* ``disable_radix_cache=True`` — prefix sharing of pruned KV is issue #4; a tree holding slots whose cells were
-  pruned would break SGLang's idle pool invariant (../shared/notes/sglang-internals.md §3);
+* ``radix_cache_backend="kvzap"`` — the prefix cache over pruned KV (``radix_cache.KvzapRadixCache``), unless the
+  user switched the radix cache off (``--disable-radix-cache``); another radix-cache backend is refused;
 * ``disable_overlap_schedule=True`` — with overlap, the scheduler frees finished requests' cells while the next
   forward writes and prunes cells in another thread; the cell store is single-threaded by design.
 """
@@ -31,8 +31,9 @@ from kvzap_sglang.policy import DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)
 
-ENGINE_KWARGS = ("kvzap_threshold", "kvzap_surrogate", "kvzap_window", "kvzap_no_decode")
-REQUIRED_SERVER_ARGS = {"disable_radix_cache": True, "disable_overlap_schedule": True}
+ENGINE_KWARGS = ("kvzap_threshold", "kvzap_surrogate", "kvzap_window", "kvzap_no_decode", "kvzap_tenants")
+REQUIRED_SERVER_ARGS = {"disable_overlap_schedule": True}
+RADIX_CACHE_BACKEND = "kvzap"  # radix_cache.BACKEND_NAME (not imported: that module imports SGLang's tree)
 
 
 def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> dict[str, Any]:
@@ -54,11 +55,27 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
         raise KVzapConfigError("KVzap frees single token entries and needs --page-size 1")
     if server_values.get("speculative_algorithm"):
         raise KVzapConfigError("KVzap does not support speculative decoding")
+    if server_values.get("radix_cache_backend") not in (None, RADIX_CACHE_BACKEND):
+        raise KVzapConfigError(
+            f"KVzap brings its own prefix cache (--radix-cache-backend {RADIX_CACHE_BACKEND}); got "
+            f"--radix-cache-backend {server_values.get('radix_cache_backend')!r}"
+        )
+    if server_values.get("enable_hierarchical_cache"):
+        raise KVzapConfigError("KVzap does not support --enable-hierarchical-cache (HiCache reloads give new slot ids)")
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
     resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch
+    tenants = settings.tenants_config()
+    if tenants is not None and server_values.get("api_key"):
+        raise KVzapConfigError("--kvzap-tenants brings per-tenant API keys; drop --api-key")
     overrides = {**REQUIRED_SERVER_ARGS, "attention_backend": "torch_native"}
+    if not server_values.get("disable_radix_cache"):
+        overrides["radix_cache_backend"] = RADIX_CACHE_BACKEND
     logger.info("KVzap on (%s): setting %s", settings, overrides)
     settings.export()
+    if tenants is not None:
+        from kvzap_sglang.plugin.tenants import install_http_middleware
+
+        install_http_middleware(tenants)  # tenant identity on the HTTP edge (no effect for sglang.Engine)
     return overrides
 
 
@@ -90,7 +107,9 @@ def add_cli_args(original, parser: argparse.ArgumentParser):
     group.add_argument("--kvzap-window", type=_window_arg, default=DEFAULT_WINDOW, metavar="N",
                        help="Most recent tokens per request that are never pruned (default 128).")
     group.add_argument("--kvzap-no-decode", action="store_true",
-                       help="Do not score tokens generated during decode (they are kept).")  # fmt: skip
+                       help="Do not score tokens generated during decode (they are kept).")
+    group.add_argument("--kvzap-tenants", default=None, metavar="FILE",
+                       help="Multi-tenant serving: per-tenant τ, window, KV budget and API keys (TOML).")  # fmt: skip
     return result
 
 
@@ -103,7 +122,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
             if settings is None:
                 return original(cls, args)
         else:
-            settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode)
+            settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode,
+                                     getattr(args, "kvzap_tenants", None))  # fmt: skip
         overrides = prepare_launch(settings, vars(args))
     except KVzapConfigError as error:
         print(f"sglang: error: {error}", file=sys.stderr)
@@ -134,6 +154,7 @@ def make_server_args_factory(server_args_class):
                 surrogate=given.get("kvzap_surrogate", DEFAULT_SURROGATE),
                 window=given.get("kvzap_window", DEFAULT_WINDOW),
                 score_decode=not given.get("kvzap_no_decode", False),
+                tenants=given.get("kvzap_tenants"),
             )
         else:
             settings = KVzapSettings.from_env()

@@ -85,7 +85,18 @@ def add_internal_state(original, self, *args, **kwargs):
     output = original(self, *args, **kwargs)
     rt = runtime.current()
     if rt is not None:
-        output.internal_state[META_KEY] = rt.snapshot()
+        state = rt.snapshot()
+        store = rt.store
+        # Cells held by the prefix cache (radix tree) and the allocator's idle self-checks run so far.
+        state["cells_cached"] = sum(store.group_cells[1:])
+        state["slots_cached"] = sum(store.group_slots[1:])
+        state["prefix_cache"] = type(self.tree_cache).__name__
+        state["idle_checks"] = getattr(self.token_to_kv_pool_allocator, "idle_checks", 0)
+        if rt.tenants is not None:
+            from kvzap_sglang.plugin.tenants import snapshot as tenants_snapshot
+
+            state["tenants"] = tenants_snapshot(rt.tenants, store)
+        output.internal_state[META_KEY] = state
     return output
 
 
@@ -113,6 +124,29 @@ class _Metrics:
         snapshot = rt.snapshot()
         for key, gauge in self._gauges.items():
             gauge.set(float(snapshot[key]))
+        if rt.tenants is not None:
+            self.update_tenants(rt)
+
+    def update_tenants(self, rt: runtime.KvzapRuntime) -> None:
+        """Per-tenant ``kvzap_tenant_*`` gauges (label ``tenant``)."""
+        from prometheus_client import Gauge
+
+        from kvzap_sglang.plugin.tenants import snapshot as tenants_snapshot
+
+        if getattr(self, "_tenant_gauges", None) is None:
+            names = {
+                "cells_held": "KV cells held by the tenant's live requests and cached prefixes",
+                "budget_cells": "The tenant's KV budget in cells (-1: none)",
+                "queued_requests": "The tenant's requests waiting for admission",
+                "threshold": "The tenant's τ in use",
+                "removed_fraction": "Entries pruned / entries written for the tenant since start-up",
+            }
+            self._tenant_gauges = {k: Gauge(f"kvzap_tenant_{k}", doc, ["tenant"], multiprocess_mode="mostrecent")
+                                   for k, doc in names.items()}  # fmt: skip
+        for tenant, figures in tenants_snapshot(rt.tenants, rt.store).items():
+            for key, gauge in self._tenant_gauges.items():
+                value = figures[key]
+                gauge.labels(tenant=tenant).set(-1.0 if value is None else float(value))
 
 
 metrics = _Metrics()

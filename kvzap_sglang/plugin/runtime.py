@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvzap_sglang.plugin.settings import KVzapConfigError, KVzapSettings, ModelDims, resolve_surrogate
-from kvzap_sglang.storage import CellStore, QueryLayout, prune_window_exits
+from kvzap_sglang.plugin.tenants import TenantTable
+from kvzap_sglang.tenants import DEFAULT_TENANT
+from kvzap_sglang.storage import CellStore, QueryLayout, WindowTracker, prune_decided
 from kvzap_sglang.surrogate import CheckpointError, KVzapSurrogate
 
 logger = logging.getLogger(__name__)
@@ -24,12 +26,14 @@ logger = logging.getLogger(__name__)
 class BatchView:
     """What every layer of one forward needs, built once per forward.
 
+    * ``rows`` int64 ``[bs]`` — each request's ``req_to_token`` row (``req_pool_indices``);
     * ``token_slots`` int64 ``[bs, T]`` — each request's slot ids by position (``req_to_token`` rows), ``T = max seq``;
     * ``seq_lens`` int64 ``[bs]`` — tokens after this forward; ``prev_lens`` ``[bs]`` — before it;
     * ``queries`` — where this forward's query rows are (``QueryLayout``);
     * ``out_cache_loc`` int64 ``[num_tokens]`` — slots written by this forward, row-aligned with hidden states.
     """
 
+    rows: torch.Tensor
     token_slots: torch.Tensor
     seq_lens: torch.Tensor
     prev_lens: torch.Tensor
@@ -55,12 +59,67 @@ class KvzapRuntime:
     start_layer: int = 0
     batch: BatchView | None = None
     totals: Totals = field(default_factory=Totals)
+    windows: WindowTracker | None = None
+    # Slots decided in the current forward (left every live window in it); pruned layer by layer.
+    deciding: torch.Tensor | None = None
+    deciding_tau: torch.Tensor | None = None  # float32 [n]: the τ each deciding slot is judged at (its tenant's)
+    # Highest τ any slot was decided at: a request whose τ is not below it can reuse any cached entry (radix_cache).
+    highest_decided_tau: float = float("-inf")
+    tenants: TenantTable | None = None  # multi-tenant serving (--kvzap-tenants)
 
     def layer(self, layer_id: int) -> int:
         return layer_id - self.start_layer
 
+    def track_windows(self, num_rows: int) -> None:
+        """Create the window tracker for ``num_rows`` request rows (once the request pool exists)."""
+        if self.windows is None or self.windows.lo.numel() != num_rows:
+            self.windows = WindowTracker(self.store.config.num_slots, num_rows, self.settings.window, self.store.device)
+        config = self.settings.tenants_config()
+        if config is not None and (self.tenants is None or self.tenants.row_tenant.numel() != num_rows):
+            self.tenants = TenantTable.build(config, self.settings.threshold, self.settings.window,
+                                             self.store.config.entries_per_token, num_rows, self.store.device)  # fmt: skip
+
     def begin_forward(self, view: BatchView) -> None:
+        """Move the batch's windows; the slots that now lie outside every live window and are undecided are decided
+        in this forward at their tenant's τ (``after_attention`` frees their low-score entries layer by layer)."""
         self.batch = view
+        windows = None
+        if self.tenants is not None:
+            row_tenant = self.tenants.row_tenant.index_select(0, view.rows)
+            windows = self.tenants.window_tensor(self.store.device).index_select(0, row_tenant)
+            self._tag_tenants(view, row_tenant)
+        leaving = self.windows.advance(view.rows, view.token_slots, view.seq_lens, windows)
+        deciding = leaving[torch.isnan(self.store.slot_decided.index_select(0, leaving))]
+        if self.tenants is not None:
+            taus = self.tenants.threshold_tensor(self.store.device)
+            tau = taus.index_select(0, self.store.tenant.tag.index_select(0, deciding).to(torch.int64))
+        else:
+            tau = torch.full((deciding.numel(),), self.settings.threshold, dtype=torch.float32, device=deciding.device)
+        self.store.slot_decided[deciding] = tau
+        if deciding.numel():
+            self.highest_decided_tau = max(self.highest_decided_tau, float(tau.max()))
+        self.deciding, self.deciding_tau = deciding, tau
+
+    def _tag_tenants(self, view: BatchView, row_tenant: torch.Tensor) -> None:
+        """The slots this forward writes count against their request's tenant."""
+        per_request = view.queries.qo_indptr.diff().to(device=row_tenant.device)
+        token_tenant = torch.repeat_interleave(row_tenant, per_request)
+        for t in torch.unique(token_tenant).tolist():
+            slots = view.out_cache_loc[token_tenant == t]
+            if t:
+                self.store.set_tenant(slots, t)
+            self.tenants.entries_reserved[t] += slots.numel() * self.store.config.entries_per_token
+
+    def tenant_threshold(self, req) -> float:
+        """τ a request runs at: its tenant's, or the server's."""
+        if self.tenants is None or req is None:
+            return self.settings.threshold
+        return self.tenants.thresholds[self.tenants.index_of_request(req)]
+
+    def release_row(self, row: int, row_slots: torch.Tensor) -> None:
+        """A request gave its row back (finished, aborted, retracted): its window protects nothing any more."""
+        if self.windows is not None:
+            self.windows.release(row, row_slots)
 
     def after_attention(self, layer_id: int, hidden_states: torch.Tensor) -> None:
         """Score the tokens this forward wrote in layer ``layer_id`` and apply the DMS rule to window exits.
@@ -68,6 +127,7 @@ class KvzapRuntime:
         ``hidden_states`` ``[num_tokens, D]`` is the layer's post-input_layernorm attention input, row-aligned with
         ``out_cache_loc`` (../shared/notes/sglang-internals.md §5). Decisions for this layer are final as soon as its
         attention ran (dense prefill, paper Algorithm 1), so its pruned cells are freed before the next layer runs.
+        The slots decided are ``begin_forward``'s (outside every live request's window, decided once).
         """
         view = self.batch
         if view is None or hidden_states.shape[0] == 0:
@@ -77,16 +137,25 @@ class KvzapRuntime:
             with torch.no_grad():
                 scores = self.surrogate.layers[layer](hidden_states.to(self.surrogate_dtype))  # [T, H]
             self.store.set_scores(layer, view.out_cache_loc, scores)
-        freed = prune_window_exits(
-            self.store, layer, view.token_slots, view.prev_lens, view.seq_lens,
-            self.settings.threshold, self.settings.window,
-        )  # fmt: skip
-        self.totals.entries_pruned += int(freed.sum())
+        before = list(self.store.tenant.cells) if self.tenants is not None else None
+        self.totals.entries_pruned += prune_decided(self.store, layer, self.deciding, self.deciding_tau)
+        if before is not None:
+            for t in range(len(self.tenants.names)):
+                self.tenants.entries_pruned[t] += before[t] - self.store.tenant.cells[t]
 
     def set_threshold(self, tau: float) -> None:
         """Change τ without a restart (plugin/calibration.py applies it between forwards). Entries already decided
         stay decided: each one is judged once, when it leaves the window, with the τ of that moment."""
         self.settings = replace(self.settings, threshold=float(tau))  # validated like a start-up value
+        if self.tenants is not None:
+            self.tenants.thresholds[0] = float(tau)
+
+    def set_tenant_threshold(self, tenant: str, tau: float) -> None:
+        """A tenant's τ changed (calibration service): it judges that tenant's next decisions."""
+        if tenant == DEFAULT_TENANT or self.tenants is None:
+            return self.set_threshold(tau)
+        KVzapSettings(threshold=float(tau))  # same validation as a start-up value
+        self.tenants.thresholds[self.tenants.index(tenant)] = float(tau)
 
     @property
     def surrogate_dtype(self) -> torch.dtype:

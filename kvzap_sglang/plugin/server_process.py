@@ -1,12 +1,16 @@
-"""Waiting for a launched ``sglang.launch_server`` process, shared by the tests, benchmarks and scripts.
+"""Launching ``sglang.launch_server`` and waiting for it, shared by the tests, benchmarks and scripts.
 
 Imports nothing from SGLang: it only watches a child process and polls its ``/health`` endpoint.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -29,3 +33,35 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, log_path: str | Path, t
         if time.monotonic() > deadline:
             raise TimeoutError(f"server not healthy after {timeout_s} s (log {log_path})")
         time.sleep(1.0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def launched_server(model_path: str | Path, flags: list[str], timeout_s: float = 600.0, keep_log: bool = False):
+    """``python -m sglang.launch_server --model-path MODEL FLAGS --port P`` as a child process (log in a temp file,
+    never a pipe: an unread pipe blocks the server); yields its base URL; always terminated (SIGTERM, then kill)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *flags, "--port", str(port)]
+    log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(proc, url, log.name, timeout_s)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if not keep_log:
+            os.unlink(log.name)

@@ -13,6 +13,7 @@ variable               meaning                                                fl
 ``KVZAP_SURROGATE``    ``linear`` | ``mlp`` (bundled for the model) | folder  --kvzap-surrogate
 ``KVZAP_WINDOW``       protected recent tokens per request (default 128)      --kvzap-window
 ``KVZAP_NO_DECODE``    ``1`` = do not score decode tokens (they are kept)     --kvzap-no-decode
+``KVZAP_TENANTS``      tenants file (TOML, ``kvzap_sglang.tenants``)          --kvzap-tenants
 =====================  =====================================================  ================
 """
 
@@ -31,7 +32,8 @@ ENV_THRESHOLD = "KVZAP_THRESHOLD"
 ENV_SURROGATE = "KVZAP_SURROGATE"
 ENV_WINDOW = "KVZAP_WINDOW"
 ENV_NO_DECODE = "KVZAP_NO_DECODE"
-ENV_VARS = (ENV_THRESHOLD, ENV_SURROGATE, ENV_WINDOW, ENV_NO_DECODE)
+ENV_TENANTS = "KVZAP_TENANTS"
+ENV_VARS = (ENV_THRESHOLD, ENV_SURROGATE, ENV_WINDOW, ENV_NO_DECODE, ENV_TENANTS)
 DEFAULT_SURROGATE = "mlp"
 
 
@@ -47,6 +49,7 @@ class KVzapSettings:
     surrogate: str = DEFAULT_SURROGATE  # "linear" | "mlp" | checkpoint folder
     window: int = DEFAULT_WINDOW
     score_decode: bool = True
+    tenants: str | None = None  # tenants file (multi-tenant serving); None = one tenant
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
@@ -60,11 +63,26 @@ class KVzapSettings:
                 f"kvzap surrogate must be one of {'|'.join(KINDS)} or an existing checkpoint folder, "
                 f"got {self.surrogate!r}"
             )
+        if self.tenants is not None:
+            self.tenants_config()  # raises on a missing or malformed file
+
+    def tenants_config(self):
+        """The parsed tenants file (``kvzap_sglang.tenants.TenantsConfig``), or ``None`` without one."""
+        from kvzap_sglang.tenants import TenantsConfig, TenantsConfigError
+
+        if self.tenants is None:
+            return None
+        try:
+            return TenantsConfig.load(self.tenants)
+        except TenantsConfigError as error:
+            raise KVzapConfigError(str(error)) from None
 
     def to_env(self) -> dict[str, str]:
         env = {ENV_THRESHOLD: repr(float(self.threshold)), ENV_SURROGATE: self.surrogate, ENV_WINDOW: str(self.window)}
         if not self.score_decode:
             env[ENV_NO_DECODE] = "1"
+        if self.tenants is not None:
+            env[ENV_TENANTS] = str(Path(self.tenants).resolve())
         return env
 
     def export(self) -> None:
@@ -84,6 +102,7 @@ class KVzapSettings:
             surrogate=env.get(ENV_SURROGATE, DEFAULT_SURROGATE) or DEFAULT_SURROGATE,
             window=parse_window(env.get(ENV_WINDOW, str(DEFAULT_WINDOW))),
             score_decode=env.get(ENV_NO_DECODE, "").strip() not in ("1", "true", "True"),
+            tenants=env.get(ENV_TENANTS) or None,
         )
 
 

@@ -5,7 +5,9 @@
 * ``layout`` — per-layer, head-folded attention metadata of a batch (``build_layout``, ``HeadFoldedLayout``,
   ``QueryLayout``, ``fold_queries`` for FlashInfer's folded batch);
 * ``attention`` — torch attention over that metadata (``attend``);
-* ``pruning`` — DMS decisions applied to the store (``prune_window_exits``).
+* ``pruning`` — DMS decisions applied to the store (``prune_window_exits`` for private sequences,
+  ``prune_decided`` for the slots a ``WindowTracker`` says are decided now);
+* ``windows`` — which slots lie in some live request's window when requests share slots (``WindowTracker``).
 
 One forward, per layer ``l`` (``token_slots = req_to_token[req_pool_indices, :max(seq_lens)]``)::
 
@@ -29,7 +31,8 @@ from kvzap_sglang.storage.layout import (
     pad_slot_lists,
 )
 from kvzap_sglang.storage.attention import attend
-from kvzap_sglang.storage.pruning import prune_window_exits, window_exit_positions
+from kvzap_sglang.storage.pruning import prune_decided, prune_window_exits, window_exit_positions
+from kvzap_sglang.storage.windows import WindowTracker
 
 __all__ = [
     "NO_CELL",
@@ -45,6 +48,8 @@ __all__ = [
     "build_layout",
     "fold_queries",
     "pad_slot_lists",
+    "prune_decided",
     "prune_window_exits",
     "window_exit_positions",
+    "WindowTracker",
 ]

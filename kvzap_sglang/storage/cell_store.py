@@ -14,9 +14,19 @@ Tensors (``S = num_slots``, ``N = num_cells``, ``L = layers``, ``H = kv_heads``,
 * ``slot_scores``: ``[S + 1, L, H]`` in ``score_dtype`` (float32 by default: bf16's ~0.03 step at |score|≈4 would
   move entries across τ and break equality with ``policy.keep_mask``); NaN = no score (the DMS rule keeps it).
 
+Per-slot bookkeeping (``[S + 1]`` each), kept exact by every write/reserve/prune/free:
+
+* ``slot_cells`` int32 — cells the slot holds (``layers × kv_heads`` when intact);
+* ``slot_decided`` float32 — the τ at which the slot's entries were decided by the DMS rule, NaN while undecided
+  (inside some request's window). Each slot is decided once; reset when the slot is freed;
+* ``owner`` / ``tenant`` — ``SlotTags``: an owner tag (0 = untagged; a prefix cache tags the slots it holds as
+  evictable / protected) and a tenant tag (multi-tenant budgets), each with cell and slot counts per value that
+  follow pruning without the owner being told. ``slot_group`` / ``group_cells`` / ``group_slots`` /
+  ``set_group`` are the owner tag's.
+
 Invariant (``check_invariants``): every cell id in ``slot_to_cell`` is in use, and every in-use cell appears in
 ``slot_to_cell`` exactly once. So freeing through the map can never double-free, and freeing every slot leaves 0
-cells in use.
+cells in use. The per-slot and per-group counts match the map.
 """
 
 from __future__ import annotations
@@ -26,8 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from kvzap_sglang.storage.cell_allocator import CellAllocator
+from kvzap_sglang.storage.slot_tags import SlotTags
 
 NO_CELL = -1
+NUM_GROUPS = 3  # slot owner tags 0..2 (0 = untagged); the radix cache uses 1 = evictable, 2 = protected
+MAX_TENANTS = 64  # tenant tags 0..63 (0 = the default tenant)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,10 @@ class CellStore:
         self.slot_to_cell = torch.full(shape, NO_CELL, dtype=torch.int32, device=device)
         self.slot_scores = torch.full(shape, float("nan"), dtype=c.score_dtype, device=device)
         self.allocator = CellAllocator(c.num_cells, device=device)
+        self.slot_cells = torch.zeros(c.num_slots + 1, dtype=torch.int32, device=device)
+        self.slot_decided = torch.full((c.num_slots + 1,), float("nan"), dtype=torch.float32, device=device)
+        self.owner = SlotTags(c.num_slots, NUM_GROUPS, device)
+        self.tenant = SlotTags(c.num_slots, MAX_TENANTS, device)
         # Cumulative counters for observability: cells handed to entries (write/reserve), cells freed by prune.
         self.entries_allocated = 0
         self.entries_pruned = 0
@@ -102,8 +119,7 @@ class CellStore:
 
     def cells_held(self, slots: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]``: cells each slot holds over all layers and heads (0 for slot 0)."""
-        slots = self._slots(slots)
-        return (self.slot_to_cell.index_select(0, slots) >= 0).sum(dim=(1, 2))
+        return self.slot_cells.index_select(0, self._slots(slots)).to(torch.int64)
 
     # ------------------------------------------------------------------ writes
 
@@ -144,6 +160,7 @@ class CellStore:
         cells[missing] = self.allocator.alloc(int(missing.sum()))  # raises before any change
         cells[~real] = 0
         self.slot_to_cell[real_slots, layer] = cells[real].to(torch.int32)
+        self._count_cells(real_slots, missing[real].sum(dim=1))
         flat = cells.reshape(-1)
         self.k_cells.index_copy_(0, flat, k.reshape(-1, d).to(self.config.dtype))
         self.v_cells.index_copy_(0, flat, v.reshape(-1, d).to(self.config.dtype))
@@ -170,6 +187,7 @@ class CellStore:
         cells[missing] = self.allocator.alloc(int(missing.sum())).to(torch.int32)  # raises before any change
         self.slot_to_cell[slots] = cells
         self.slot_scores[slots] = torch.where(missing, float("nan"), self.slot_scores.index_select(0, slots))
+        self._count_cells(slots, missing.sum(dim=(1, 2)))
         self.entries_allocated += int(missing.sum())
         return int(missing.sum())
 
@@ -217,11 +235,17 @@ class CellStore:
             raise ValueError(f"head ids must be in 0..{self.config.num_kv_heads - 1}")
         if layers.numel() and bool(((layers < 0) | (layers >= self.config.num_layers)).any()):
             raise ValueError(f"layer ids must be in 0..{self.config.num_layers - 1}")
+        entry = (slots * self.config.num_layers + layers) * self.config.num_kv_heads + heads
+        entry = torch.unique(entry)  # an entry listed twice is freed once
+        heads = entry % self.config.num_kv_heads
+        layers = (entry // self.config.num_kv_heads) % self.config.num_layers
+        slots = entry // (self.config.num_kv_heads * self.config.num_layers)
         cells = self.slot_to_cell[slots, layers, heads].to(torch.int64)
         held = cells >= 0
-        freed = torch.unique(cells[held])
-        self.allocator.free(freed)
-        self.slot_to_cell[slots[held], layers[held], heads[held]] = NO_CELL
+        slots, freed = slots[held], cells[held]
+        self.allocator.free(freed)  # distinct: one cell per entry (map invariant)
+        self.slot_to_cell[slots, layers[held], heads[held]] = NO_CELL
+        self._count_cells(slots, torch.full_like(slots, -1))
         self.entries_pruned += freed.numel()
         return freed.numel()
 
@@ -243,9 +267,49 @@ class CellStore:
         cells = self.slot_to_cell.index_select(0, slots)  # [n, L, H]
         held = cells[cells >= 0]
         self.allocator.free(held)  # distinct by the map invariant
+        self._count_cells(slots, -self.slot_cells.index_select(0, slots))
+        self.owner.set(slots, 0, self.slot_cells)
+        self.tenant.set(slots, 0, self.slot_cells)
         self.slot_to_cell[slots] = NO_CELL
         self.slot_scores[slots] = float("nan")
+        self.slot_decided[slots] = float("nan")
         return held.numel()
+
+    # ------------------------------------------------------------------ owner tags
+
+    @property
+    def slot_group(self) -> torch.Tensor:
+        return self.owner.tag
+
+    @property
+    def group_cells(self) -> list[int]:
+        return self.owner.cells
+
+    @property
+    def group_slots(self) -> list[int]:
+        return self.owner.slots
+
+    def set_group(self, slots: torch.Tensor, group: int) -> None:
+        """Tag ``slots`` ``[n]`` (slot 0 ignored) with owner ``group``; their cells move between the per-owner
+        counts. Tagging a slot with its current owner is a no-op."""
+        self.owner.set(self._distinct_real(slots), group, self.slot_cells)
+
+    def set_tenant(self, slots: torch.Tensor, tenant: int) -> None:
+        """Tag ``slots`` ``[n]`` (slot 0 ignored) with ``tenant``: their cells count against that tenant."""
+        self.tenant.set(self._distinct_real(slots), tenant, self.slot_cells)
+
+    def _distinct_real(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = self._slots(slots)
+        return torch.unique(slots[slots != 0])
+
+    def _count_cells(self, slots: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add ``delta[i]`` cells to slot ``slots[i]`` (a slot may repeat) and to its tags' counts."""
+        if slots.numel() == 0:
+            return
+        delta = delta.to(torch.int64)
+        self.slot_cells.index_add_(0, slots, delta.to(torch.int32))
+        self.owner.count(slots, delta)
+        self.tenant.count(slots, delta)
 
     # ------------------------------------------------------------------ checks
 
@@ -259,6 +323,10 @@ class CellStore:
         refs = torch.bincount(mapped, minlength=self.config.num_cells + 1)
         assert bool((refs <= 1).all()), "a cell is referenced by two entries"
         assert torch.equal(refs.bool(), self.allocator.in_use), "map references and in-use cells differ (leak?)"
+        per_slot = (self.slot_to_cell >= 0).sum(dim=(1, 2)).to(torch.int32)
+        assert torch.equal(per_slot, self.slot_cells), "slot_cells differs from the map"
+        self.owner.check(per_slot, "owner")
+        self.tenant.check(per_slot, "tenant")
 
     # ------------------------------------------------------------------ helpers
 

@@ -89,3 +89,28 @@ def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     first = torch.full((unique.numel(),), values.numel(), dtype=torch.int64, device=values.device)
     first.scatter_reduce_(0, inverse, torch.arange(values.numel(), device=values.device), reduce="amin")
     return unique, first
+
+
+def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float | torch.Tensor) -> int:
+    """Free the cells of ``slots`` ``[n]`` (distinct) whose stored score is ``< threshold`` (one τ, or one per slot
+    ``[n]``: multi-tenant), in ``layer`` (or every layer for ``None``); returns the cells freed.
+
+    The shared-prefix counterpart of ``prune_window_exits``: the caller has already worked out which slots are
+    decided now (``windows.WindowTracker.advance``: outside every live request's window, not decided before).
+    """
+    slots = slots.reshape(-1).to(device=store.device, dtype=torch.int64)
+    if slots.numel() == 0:
+        return 0
+    if layer is None:
+        scores = store.slot_scores.index_select(0, slots)  # [n, L, H]
+        cells = store.slot_to_cell.index_select(0, slots)
+    else:
+        if not 0 <= layer < store.config.num_layers:
+            raise ValueError(f"layer must be in 0..{store.config.num_layers - 1}, got {layer}")
+        scores = store.slot_scores[:, layer].index_select(0, slots)[:, None]  # [n, 1, H]
+        cells = store.slot_to_cell[:, layer].index_select(0, slots)[:, None]
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.reshape(-1, 1, 1).to(device=store.device, dtype=scores.dtype)
+    rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)
+    layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
+    return store.prune_entries(slots[rows], layers, heads)

@@ -217,7 +217,9 @@ def loop(smollm2_path, server_factory, redis_client):
     """(server URL, relay, key prefix) of a KVzap server sampling every request into Redis."""
     prefix = f"kvzap-test-{uuid.uuid4().hex[:12]}:"
     relay = RedisRelay().open()
-    flags = ["--kvzap-threshold", str(TAU_START), "--kvzap-window", str(WINDOW),
+    # Radix cache off: the same prompt is sent again after a τ change and must be decided afresh at the new τ (with
+    # the cache on, its cached prefix would keep the decisions of the old τ: docs/design.md, prefix sharing).
+    flags = ["--disable-radix-cache", "--kvzap-threshold", str(TAU_START), "--kvzap-window", str(WINDOW),
              "--kvzap-redis-url", f"redis://127.0.0.1:{relay.port}/0", "--kvzap-redis-prefix", prefix,
              "--kvzap-sample-rate", "1", "--kvzap-task", TASK, "--kvzap-tau-poll-s", str(POLL_S)]  # fmt: skip
     try:

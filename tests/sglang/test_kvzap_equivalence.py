@@ -31,4 +31,7 @@ def test_nothing_pruned_equals_stock_outputs(engine, smollm2_path, hf_greedy):
         out = engine.generate(input_ids=ids, sampling_params=GREEDY)
         assert out["output_ids"] == hf_greedy(smollm2_path, ids, GREEDY["max_new_tokens"])
         assert out["meta_info"]["kvzap"]["removed_fraction"] == 0.0
+    state = engine.get_server_info()["internal_states"][0]["kvzap"]
+    assert state["cells_in_use"] == state["cells_cached"]  # the rest belongs to the prefix cache
+    assert engine.flush_cache().success
     assert engine.get_server_info()["internal_states"][0]["kvzap"]["cells_in_use"] == 0

@@ -2,7 +2,8 @@
 
 Constant surrogate (scores 0/1/2 on KV heads 0/1/2), τ = 0.5, window 8, chunked prefill of 256 tokens: every request
 longer than 8 tokens has KV head 0 freed outside its window, long prompts go through chunked prefill, and the
-stress test checks that every cell comes back after ≥ 200 mixed requests including aborts.
+stress test checks that every cell comes back after ≥ 200 mixed requests including aborts. The radix cache is off
+here (``--disable-radix-cache``: every cell must come back); prefix sharing is tested in test_prefix_sharing.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. "
 @pytest.fixture(scope="module")
 def server(smollm2_path, server_factory, head0_surrogate):
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
-             "--chunked-prefill-size", "256", "--enable-metrics"]  # fmt: skip
+             "--chunked-prefill-size", "256", "--enable-metrics", "--disable-radix-cache"]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
 

@@ -41,8 +41,19 @@ def test_engine_kwargs_are_validated_exported_and_force_required_args(server_arg
     args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", attention_backend="torch_native",
                                   kvzap_threshold=-4, kvzap_surrogate=str(head0_surrogate), kvzap_window=16,
                                   kvzap_no_decode=True)  # fmt: skip
-    assert args.disable_radix_cache is True and args.disable_overlap_schedule is True
+    assert args.disable_overlap_schedule is True
+    assert args.disable_radix_cache is False and args.radix_cache_backend == "kvzap"  # prefix sharing stays on
     assert KVzapSettings.from_env() == KVzapSettings(-4.0, str(head0_surrogate), 16, score_decode=False)
+
+
+def test_disable_radix_cache_is_respected_and_other_tree_backends_refused(server_args_with_kvzap, smollm2_path):
+    args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4,
+                                  disable_radix_cache=True)  # fmt: skip
+    assert args.disable_radix_cache is True and args.radix_cache_backend is None
+    for kwargs, message in ((dict(radix_cache_backend="flexkv"), "its own prefix cache"),
+                            (dict(enable_hierarchical_cache=True), "hierarchical")):  # fmt: skip
+        with pytest.raises(KVzapConfigError, match=message):
+            server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4, **kwargs)
 
 
 def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kvzap, smollm2_path):
@@ -124,7 +135,7 @@ def test_cli_parse_rejects_bad_flags_with_exit_2(server_args_with_kvzap, smollm2
 def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2_path, head0_surrogate):
     args = _parse("--kvzap-threshold", "-3.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-no-decode",
                   model_path=smollm2_path)  # fmt: skip
-    assert args.disable_radix_cache is True
+    assert args.radix_cache_backend == "kvzap" and not args.disable_radix_cache
     assert KVzapSettings.from_env() == KVzapSettings(-3.5, str(head0_surrogate), 128, score_decode=False)
 
 
@@ -135,7 +146,7 @@ def test_cli_without_kvzap_flags_is_stock(server_args_with_kvzap, smollm2_path):
 
 def test_cli_reads_the_documented_env_config(server_args_with_kvzap, smollm2_path, head0_surrogate, capsys):
     os.environ.update({"KVZAP_THRESHOLD": "-2", "KVZAP_SURROGATE": str(head0_surrogate)})
-    assert _parse(model_path=smollm2_path).disable_radix_cache is True
+    assert _parse(model_path=smollm2_path).radix_cache_backend == "kvzap"
     os.environ["KVZAP_WINDOW"] = "-1"
     with pytest.raises(SystemExit) as exit_info:
         _parse(model_path=smollm2_path)

@@ -22,16 +22,22 @@ def _runtime(window: int, score_decode: bool = True) -> KvzapRuntime:
             layer.weight.zero_()
             layer.bias.copy_(torch.tensor([0.0, 1.0]))  # head 0 below τ = 0.5, head 1 above
     settings = KVzapSettings(threshold=0.5, surrogate="linear", window=window, score_decode=score_decode)
-    return KvzapRuntime(settings=settings, store=store, surrogate=surrogate)
+    rt = KvzapRuntime(settings=settings, store=store, surrogate=surrogate)
+    rt.track_windows(num_rows=4)
+    return rt
 
 
-def _forward(rt: KvzapRuntime, slots: list[int], prev_len: int, is_decode: bool = False) -> None:
-    """One forward of one request whose slots are ``slots`` (all positions), ``prev_len`` of them cached before."""
-    new = torch.tensor(slots[prev_len:])
+def _forward(rt: KvzapRuntime, slots: list[int], prev_len: int, is_decode: bool = False, row: int = 1,
+             written: int | None = None) -> None:  # fmt: skip
+    """One forward of the request in ``row`` whose slots are ``slots`` (all positions), ``prev_len`` of them cached
+    before; the first ``written`` (default ``prev_len``) of them already hold K/V (a cached prefix: fewer)."""
+    written = prev_len if written is None else written
+    new = torch.tensor(slots[written:])
     for layer in range(LAYERS):
         rt.store.write(layer, new, torch.zeros(len(new), HEADS, DIM), torch.zeros(len(new), HEADS, DIM))
     seq = torch.tensor([len(slots)])
-    rt.begin_forward(BatchView(token_slots=torch.tensor([slots]), seq_lens=seq, prev_lens=torch.tensor([prev_len]),
+    rt.begin_forward(BatchView(rows=torch.tensor([row]), token_slots=torch.tensor([slots]), seq_lens=seq,
+                               prev_lens=torch.tensor([prev_len]),
                                queries=QueryLayout.for_extend(seq, seq - prev_len), out_cache_loc=new,
                                is_decode=is_decode))  # fmt: skip
     for layer in range(LAYERS):
@@ -73,3 +79,32 @@ def test_decode_tokens_are_scored_unless_no_decode():
         held = _held(rt, [4])[0]
         assert bool(held[:, 0].all()) == decode_token_kept  # unscored (NaN) entries are kept
         assert bool(held[:, 1].all())
+
+
+def test_a_shared_slot_is_decided_only_outside_every_live_window():
+    rt = _runtime(window=2)
+    prefix = [1, 2, 3, 4]
+    _forward(rt, prefix + [5, 6, 7], prev_len=0, row=1)  # A: positions 0..4 leave A's window
+    assert not _held(rt, prefix)[:, :, 0].any()
+    rt.release_row(1, torch.tensor(prefix + [5, 6, 7]))
+    rt2 = _runtime(window=2)
+    _forward(rt2, prefix, prev_len=0, row=2)  # B holds the prefix, positions 2, 3 in its window
+    _forward(rt2, prefix + [5, 6, 7], prev_len=4, row=1, written=4)  # A reuses it: 2, 3 leave A's window
+    held = _held(rt2, prefix)[:, :, 0]
+    assert not held[:2].any() and held[2:].all(), "slots in B's window stay while B is live"
+    _forward(rt2, prefix + [8, 9], prev_len=4, row=2, written=4)  # B grows: 2, 3 leave B's window too
+    assert not _held(rt2, prefix)[:, :, 0].any()
+    for row, slots in ((1, prefix + [5, 6, 7]), (2, prefix + [8, 9])):
+        rt2.release_row(row, torch.tensor(slots))
+    rt2.windows.check_idle()
+    rt2.store.check_invariants()
+
+
+def test_a_cached_prefix_left_undecided_is_decided_by_the_next_request():
+    rt = _runtime(window=3)
+    _forward(rt, [1, 2, 3], prev_len=0, row=1)  # all three in the window
+    rt.release_row(1, torch.tensor([1, 2, 3]))  # finished: its tail stays undecided (a prefix cache keeps it)
+    assert _held(rt, [1, 2, 3]).all() and torch.isnan(rt.store.slot_decided[1:4]).all()
+    _forward(rt, [1, 2, 3, 4, 5, 6], prev_len=3, row=2)  # a new request over the cached 3: they lie outside its window
+    assert not _held(rt, [1, 2, 3])[:, :, 0].any()
+    assert torch.equal(rt.store.slot_decided[1:4], torch.full((3,), 0.5))

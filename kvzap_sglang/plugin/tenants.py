@@ -1,0 +1,274 @@
+"""Multi-tenant serving inside SGLang (issue #8): identity at the HTTP edge, per-tenant τ/window in the forward,
+per-tenant KV budgets at admission, per-tenant figures.
+
+* **Identity** (main process) — ``TenantMiddleware`` on SGLang's FastAPI app resolves the tenant of every
+  ``POST /generate``, ``/v1/completions`` and ``/v1/chat/completions`` (``TenantsConfig.resolve``: API key or
+  ``X-KVzap-Tenant``; 401/403 with a reason when refused) and writes it into the request's ``extra_key`` (SGLang's
+  radix-cache namespace), so a tenant's cached prefixes are never served to another and the scheduler knows whose
+  request it runs. A body that sets a tenant namespace itself is refused (403).
+* **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
+  and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The
+  calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
+* **Budgets** (scheduler) — AROUND ``Scheduler.get_new_batch_prefill``: a waiting request whose tenant's held cells
+  (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its running requests may still
+  need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would exceed the budget stays queued
+  for this round, after the tenant's own evictable cached prefixes have been evicted to make room; the other
+  tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. A request
+  larger than its tenant's whole budget is admitted alone once the tenant holds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from kvzap_sglang.tenants import (
+    DEFAULT_TENANT,
+    EXTRA_KEY_PREFIX,
+    TenantAuthError,
+    TenantsConfig,
+    extra_key_for,
+    tenant_of_extra_key,
+)
+
+logger = logging.getLogger(__name__)
+
+TENANT_HEADER = "x-kvzap-tenant"
+TENANT_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+# ---------------------------------------------------------------------------- scheduler-side table
+
+
+@dataclass
+class TenantTable:
+    """Per-tenant settings and counters in a scheduler; index 0 is ``default``."""
+
+    names: list[str]
+    thresholds: list[float]
+    windows: list[int]
+    budget_cells: list[int | None]
+    row_tenant: torch.Tensor  # int64 [rows]: tenant of the request in each req_to_token row
+    entries_reserved: list[int] = field(default_factory=list)
+    entries_pruned: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    held_back: list[int] = field(default_factory=list)  # admission rounds a request waited for its budget
+
+    @classmethod
+    def build(cls, config: TenantsConfig, threshold: float, window: int, cells_per_token: int, num_rows: int,
+              device) -> TenantTable:  # fmt: skip
+        specs = config.specs()
+        n = len(specs)
+        return cls(
+            names=list(specs),
+            thresholds=[threshold if s.threshold is None else s.threshold for s in specs.values()],
+            windows=[window if s.window is None else s.window for s in specs.values()],
+            budget_cells=[None if s.kv_budget_tokens is None else s.kv_budget_tokens * cells_per_token
+                          for s in specs.values()],  # fmt: skip
+            row_tenant=torch.zeros(num_rows, dtype=torch.int64, device=device),
+            entries_reserved=[0] * n, entries_pruned=[0] * n, queued=[0] * n, held_back=[0] * n,
+        )  # fmt: skip
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return 0
+
+    def index_of_request(self, req) -> int:
+        extra_key = getattr(req, "extra_key", None)
+        return self.index(tenant_of_extra_key(extra_key)) if extra_key else 0
+
+    @property
+    def has_budgets(self) -> bool:
+        return any(b is not None for b in self.budget_cells)
+
+    def threshold_tensor(self, device) -> torch.Tensor:
+        return torch.tensor(self.thresholds, dtype=torch.float32, device=device)
+
+    def window_tensor(self, device) -> torch.Tensor:
+        return torch.tensor(self.windows, dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------------------- admission (scheduler)
+
+
+def admit_within_budgets(original, scheduler, *args, **kwargs):
+    """AROUND ``Scheduler.get_new_batch_prefill``: hold back over-budget tenants' requests for this round (module
+    docstring), run SGLang's admission on the rest, then tag the admitted requests' rows with their tenants."""
+    from kvzap_sglang.plugin import runtime
+
+    rt = runtime.current()
+    table = None if rt is None else rt.tenants
+    if table is None:
+        return original(scheduler, *args, **kwargs)
+    held_back = _hold_back(scheduler, rt, table) if table.has_budgets else []
+    kept = scheduler.waiting_queue
+    try:
+        if held_back:
+            held = set(map(id, held_back))
+            scheduler.waiting_queue = [req for req in kept if id(req) not in held]
+        plan = original(scheduler, *args, **kwargs)
+    finally:
+        if held_back:
+            scheduler.waiting_queue.extend(held_back)
+    batch = getattr(plan, "batch_to_run", None)
+    if batch is not None:
+        for req in batch.reqs:
+            if req.kv.req_pool_idx is not None:
+                table.row_tenant[req.kv.req_pool_idx] = table.index_of_request(req)
+    counts = [0] * len(table.names)
+    for req in scheduler.waiting_queue:
+        counts[table.index_of_request(req)] += 1
+    table.queued = counts
+    return plan
+
+
+def _hold_back(scheduler, rt, table: TenantTable) -> list:
+    per_token = rt.store.config.entries_per_token
+    committed = list(rt.store.tenant.cells[: len(table.names)])
+    running = list(getattr(scheduler.running_batch, "reqs", []))
+    if scheduler.chunked_req is not None:
+        running.append(scheduler.chunked_req)
+    busy = [False] * len(table.names)
+    for req in running:
+        t = table.index_of_request(req)
+        busy[t] = True
+        remaining = max(0, _max_new_tokens(scheduler, req) - len(req.output_ids))
+        committed[t] += remaining * per_token
+    held_back = []
+    for req in scheduler.waiting_queue:
+        t = table.index_of_request(req)
+        budget = table.budget_cells[t]
+        if budget is None:
+            continue
+        need = (len(req.origin_input_ids) + len(req.output_ids) + _max_new_tokens(scheduler, req)) * per_token
+        if committed[t] + need > budget and scheduler.tree_cache is not None:
+            evict = getattr(scheduler.tree_cache, "evict_tenant", None)
+            if evict is not None:
+                committed[t] -= evict(t, committed[t] + need - budget)
+        fits = committed[t] + need <= budget
+        alone = not busy[t] and rt.store.tenant.cells[t] == 0 and need > budget
+        if fits or alone:
+            committed[t] += need
+            busy[t] = True
+        else:
+            held_back.append(req)
+            table.held_back[t] += 1
+    return held_back
+
+
+def _max_new_tokens(scheduler, req) -> int:
+    """The request's decode budget; no limit means up to the context length."""
+    limit = req.sampling_params.max_new_tokens
+    if limit is None:
+        limit = max(0, scheduler.model_config.context_len - len(req.origin_input_ids))
+    return limit
+
+
+# ---------------------------------------------------------------------------- identity (HTTP, main process)
+
+
+class TenantMiddleware:
+    """ASGI middleware: resolve the tenant of generation requests and write it into their ``extra_key``."""
+
+    def __init__(self, app, config: TenantsConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TENANT_PATHS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        api_key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        try:
+            tenant = self.config.resolve(api_key, headers.get(TENANT_HEADER) or None)
+            body = await _read_body(receive)
+            payload = json.loads(body or b"{}")
+            if not isinstance(payload, dict):
+                raise TenantAuthError(400, "the request body must be a JSON object")
+            payload["extra_key"] = _tenant_extra_key(tenant, payload.get("extra_key"))
+        except TenantAuthError as error:
+            return await _reject(send, error.status, error.reason)
+        except json.JSONDecodeError as error:
+            return await _reject(send, 400, f"invalid JSON body: {error}")
+        new_body = json.dumps(payload).encode()
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+                     + [(b"content-length", str(len(new_body)).encode())])  # fmt: skip
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": new_body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _tenant_extra_key(tenant: str, client_value):
+    values = client_value if isinstance(client_value, list) else [client_value]
+    for value in values:
+        if value is not None and not isinstance(value, str):
+            raise TenantAuthError(400, "extra_key must be a string or a list of strings")
+        if value and value.startswith(EXTRA_KEY_PREFIX):
+            raise TenantAuthError(403, "extra_key may not name a tenant namespace; send the tenant's API key")
+    if isinstance(client_value, list):
+        return [extra_key_for(tenant, value) for value in client_value]
+    return extra_key_for(tenant, client_value)
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _reject(send, status: int, reason: str) -> None:
+    body = json.dumps({"error": {"message": reason, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+def install_http_middleware(config: TenantsConfig) -> None:
+    """Add ``TenantMiddleware`` to SGLang's FastAPI app (launching process, before the server starts)."""
+    from sglang.srt.entrypoints import http_server
+
+    if not getattr(http_server.app.state, "kvzap_tenants", False):
+        http_server.app.add_middleware(TenantMiddleware, config=config)
+        http_server.app.state.kvzap_tenants = True
+        logger.info("KVzap tenants: %s (API keys %s)", config.names(), "on" if config.keys_configured else "off")
+
+
+def snapshot(table: TenantTable, store) -> dict:
+    """Per-tenant figures for ``/server_info`` and the metrics."""
+    out = {}
+    for t, name in enumerate(table.names):
+        reserved = table.entries_reserved[t]
+        out[name] = {
+            "threshold": table.thresholds[t],
+            "window": table.windows[t],
+            "budget_cells": table.budget_cells[t],
+            "cells_held": store.tenant.cells[t],
+            "queued_requests": table.queued[t],
+            "held_back_rounds": table.held_back[t],
+            "entries_reserved": reserved,
+            "entries_pruned": table.entries_pruned[t],
+            "removed_fraction": table.entries_pruned[t] / reserved if reserved else 0.0,
+        }
+    return out
+
+
+__all__ = ["DEFAULT_TENANT", "TenantMiddleware", "TenantTable", "admit_within_budgets", "install_http_middleware"]

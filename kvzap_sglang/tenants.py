@@ -1,0 +1,139 @@
+"""Tenants of a KVzap server: per-tenant τ, window and KV budget, and who a request belongs to (issue #8).
+
+Knows nothing of SGLang. A TOML file (``--kvzap-tenants PATH``, example in ``configs/tenants.example.toml``)::
+
+    [default]                 # requests with no (known) tenant
+    kv_budget_tokens = 4096
+
+    [tenants.acme]
+    api_key = "acme-secret-key"
+    threshold = -4.0          # τ; omitted: the server's --kvzap-threshold (or the calibration service's τ)
+    window = 128              # omitted: --kvzap-window
+    kv_budget_tokens = 8192   # cells held by live requests + cached prefixes, in token-equivalents
+                              # (one token-equivalent = layers × kv_heads cells); omitted: no budget
+
+Identity (``TenantsConfig.resolve``): when any tenant has an ``api_key``, a request's tenant is the one whose key it
+presents (``Authorization: Bearer KEY``); a request naming a tenant (``X-KVzap-Tenant``) must present that
+tenant's key, and an unknown key is refused. Without keys, ``X-KVzap-Tenant`` names the tenant. A request with no
+tenant, or naming an unknown tenant without keys configured, runs as ``default``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import re
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_TENANTS = 64  # the cell store's tenant tags (storage.cell_store.MAX_TENANTS)
+# The radix-cache namespace (SGLang's extra_key) of a tenant: cached prefixes are never shared across tenants.
+EXTRA_KEY_PREFIX = "kvzap-tenant:"
+
+
+class TenantsConfigError(ValueError):
+    """The tenants file is missing or malformed (start-up error)."""
+
+
+class TenantAuthError(Exception):
+    """A request's tenant identity is refused; ``status`` is the HTTP status to answer with (401 or 403)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class TenantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float | None = None
+    window: int | None = Field(None, ge=0)
+    kv_budget_tokens: int | None = Field(None, ge=1)
+    api_key: str | None = Field(None, min_length=8, repr=False)
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("threshold must be finite")
+        return value
+
+
+class TenantsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: TenantSpec = TenantSpec()
+    tenants: dict[str, TenantSpec] = {}
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, value: dict[str, TenantSpec]) -> dict[str, TenantSpec]:
+        for name in value:
+            if not re.fullmatch(TENANT_PATTERN, name) or name == DEFAULT_TENANT:
+                raise ValueError(f"tenant name {name!r} must match {TENANT_PATTERN} and not be {DEFAULT_TENANT!r}")
+        if len(value) + 1 > MAX_TENANTS:
+            raise ValueError(f"at most {MAX_TENANTS - 1} tenants besides {DEFAULT_TENANT!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> TenantsConfig:
+        keys = [spec.api_key for spec in self.specs().values() if spec.api_key]
+        if len(keys) != len(set(keys)):
+            raise ValueError("two tenants share an api_key")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> TenantsConfig:
+        try:
+            return cls.model_validate(tomllib.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise TenantsConfigError(f"tenants file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, ValidationError) as error:
+            raise TenantsConfigError(f"tenants file {path}: {error}") from None
+
+    def specs(self) -> dict[str, TenantSpec]:
+        """Every tenant by name, ``default`` first (its index is 0)."""
+        return {DEFAULT_TENANT: self.default, **self.tenants}
+
+    def names(self) -> list[str]:
+        return list(self.specs())
+
+    @property
+    def keys_configured(self) -> bool:
+        return any(spec.api_key for spec in self.specs().values())
+
+    def resolve(self, api_key: str | None, claimed: str | None) -> str:
+        """The tenant a request runs as (module docstring). Raises ``TenantAuthError`` (401/403)."""
+        specs = self.specs()
+        if not self.keys_configured:
+            return claimed if claimed in specs else DEFAULT_TENANT
+        if api_key:
+            owner = next((name for name, spec in specs.items()
+                          if spec.api_key and hmac.compare_digest(spec.api_key.encode(), api_key.encode())), None)  # fmt: skip
+            if owner is None:
+                raise TenantAuthError(401, "unknown API key")
+            if claimed and claimed != owner:
+                raise TenantAuthError(403, f"this API key belongs to tenant {owner!r}, not {claimed!r}")
+            return owner
+        if claimed and claimed in specs and specs[claimed].api_key:
+            raise TenantAuthError(401, f"tenant {claimed!r} needs its API key (Authorization: Bearer ...)")
+        if claimed and claimed not in specs:
+            return DEFAULT_TENANT
+        return claimed or DEFAULT_TENANT
+
+
+def extra_key_for(tenant: str, client_extra_key: str | None = None) -> str:
+    """The radix-cache namespace of ``tenant`` (keeping the client's own ``extra_key`` salt after it)."""
+    return f"{EXTRA_KEY_PREFIX}{tenant}" + (f"|{client_extra_key}" if client_extra_key else "")
+
+
+def tenant_of_extra_key(extra_key: str | None) -> str:
+    """Inverse of ``extra_key_for``: the tenant a scheduled request belongs to (``default`` without one)."""
+    if not extra_key or not extra_key.startswith(EXTRA_KEY_PREFIX):
+        return DEFAULT_TENANT
+    return extra_key[len(EXTRA_KEY_PREFIX) :].split("|", 1)[0]

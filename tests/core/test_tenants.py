@@ -1,0 +1,76 @@
+"""Tenants file and request identity rules (kvzap_sglang.tenants): who a request runs as, and what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvzap_sglang.tenants import (
+    DEFAULT_TENANT,
+    TenantAuthError,
+    TenantsConfig,
+    TenantsConfigError,
+    extra_key_for,
+    tenant_of_extra_key,
+)
+
+EXAMPLE = Path(__file__).parents[2] / "configs" / "tenants.example.toml"
+
+
+def test_the_example_file_loads_with_default_first():
+    config = TenantsConfig.load(EXAMPLE)
+    assert config.names() == [DEFAULT_TENANT, "acme", "globex"]
+    assert config.tenants["globex"].threshold == -4.0 and config.keys_configured
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[tenants.acme]\nkv_budget_tokens = 0\n", "greater than or equal to 1"),
+        ("[tenants.acme]\nwindow = -1\n", "greater than or equal to 0"),
+        ("[tenants.acme]\nthreshold = nan\n", "finite"),
+        ('[tenants."bad name"]\n', "must match"),
+        ("[tenants.default]\n", "must match"),
+        ("[tenants.acme]\nbudget = 3\n", "Extra inputs"),
+        ('[tenants.a]\napi_key = "same-key-1"\n[tenants.b]\napi_key = "same-key-1"\n', "share an api_key"),
+        ("[tenants.acme\n", "tenants file"),
+    ],
+)
+def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "tenants.toml"
+    path.write_text(text)
+    with pytest.raises(TenantsConfigError, match=message):
+        TenantsConfig.load(path)
+
+
+def test_a_missing_file_is_refused(tmp_path):
+    with pytest.raises(TenantsConfigError, match="does not exist"):
+        TenantsConfig.load(tmp_path / "nope.toml")
+
+
+def test_with_keys_the_key_decides_and_no_one_claims_another_tenant():
+    config = TenantsConfig.load(EXAMPLE)
+    assert config.resolve("change-me-acme-0001", None) == "acme"
+    assert config.resolve("change-me-acme-0001", "acme") == "acme"
+    assert config.resolve(None, None) == DEFAULT_TENANT
+    assert config.resolve(None, "nobody") == DEFAULT_TENANT  # unknown tenant: the default tenant's limits
+    cases = [("change-me-acme-0001", "globex", 403), ("wrong-key-000", None, 401), (None, "globex", 401)]
+    for key, claimed, status in cases:
+        with pytest.raises(TenantAuthError) as error:
+            config.resolve(key, claimed)
+        assert error.value.status == status
+
+
+def test_without_keys_the_header_names_the_tenant():
+    config = TenantsConfig.model_validate({"tenants": {"a": {}, "b": {"kv_budget_tokens": 10}}})
+    assert config.resolve(None, "b") == "b"
+    assert config.resolve("anything", "a") == "a"
+    assert config.resolve(None, "zzz") == DEFAULT_TENANT
+
+
+def test_extra_key_round_trip_keeps_the_clients_salt():
+    assert tenant_of_extra_key(extra_key_for("acme")) == "acme"
+    assert extra_key_for("acme", "user-7") == "kvzap-tenant:acme|user-7"
+    assert tenant_of_extra_key("kvzap-tenant:acme|user-7") == "acme"
+    assert tenant_of_extra_key("user-7") == DEFAULT_TENANT and tenant_of_extra_key(None) == DEFAULT_TENANT

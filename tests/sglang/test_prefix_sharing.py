@@ -1,0 +1,187 @@
+"""Prefix sharing of pruned KV in the real HTTP server: KVzap with SGLang's radix cache on (issue #4).
+
+* one document and several questions: later requests find the document in the cache (minus the window back-off),
+  answer as without the cache, and the server keeps one pruned copy of the document;
+* multi-turn chat keeps hitting the cache;
+* a property-style stress test (random shared prefixes, lengths around the window, aborts, a pool small enough to
+  evict, chunked prefill) with ``KVZAP_CHECK_INVARIANTS=1``: SGLang's strict idle check (which raises on a broken
+  ``available + evictable + protected == total``) then also recounts the whole cell store, so a leaked or
+  double-freed entry stops the scheduler and fails the test. 200 requests in the suite (a few minutes on 2 cores);
+  ``KVZAP_PREFIX_STRESS_REQUESTS=2000`` runs the full-size version of the issue's closing note.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from benchmarks.tasks import make_shared_document
+
+pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
+
+LAYERS, KV_HEADS = 30, 3
+CELLS_PER_TOKEN = LAYERS * KV_HEADS
+
+
+def generate(url: str, ids: list[int], max_new_tokens: int, **extra) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}, **extra}
+    response = requests.post(f"{url}/generate", json=body, timeout=900)
+    response.raise_for_status()
+    return response.json()
+
+
+def kvzap_state(url: str) -> dict:
+    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]
+
+
+def flush(url: str) -> None:
+    requests.post(f"{url}/flush_cache", timeout=60).raise_for_status()
+
+
+def wait_idle(url: str, timeout_s: float = 120.0) -> dict:
+    """Server-wide KVzap state once no request holds cells (every cell in use belongs to the prefix cache)."""
+    deadline = time.monotonic() + timeout_s
+    while (state := kvzap_state(url))["cells_in_use"] != state["cells_cached"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def chat_ids(tokenizer, messages: list[dict], answer_prefix: str = "") -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def mlp_server(smollm2_path, server_factory):
+    """The bundled MLP surrogate at its default τ (≈ 50 % of entries removed), window 128, radix cache on."""
+    flags = ["--kvzap-threshold", "-4.3", "--kvzap-surrogate", "mlp", "--max-total-tokens", "16384"]
+    with server_factory(smollm2_path, flags) as url:
+        yield url
+
+
+def test_one_document_many_questions_shares_one_pruned_copy(mlp_server, tokenizer):
+    context, samples = make_shared_document(tokenizer, 1024, 4, seed=0)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": f"{context}\n{s.question}"}], " " + s.answer_prefix)
+               for s in samples]  # fmt: skip
+    document = len(chat_ids(tokenizer, [{"role": "user", "content": context}])) - 6  # minus the template's tail
+    uncached = []
+    for sample, ids in zip(samples, prompts):
+        flush(mlp_server)
+        uncached.append(generate(mlp_server, ids, sample.max_new_tokens)["text"])
+    flush(mlp_server)
+    assert kvzap_state(mlp_server)["cells_in_use"] == 0
+
+    outputs, cells = [], []
+    for sample, ids in zip(samples, prompts):
+        outputs.append(generate(mlp_server, ids, sample.max_new_tokens))
+        cells.append(wait_idle(mlp_server)["cells_in_use"])
+    cached = [out["meta_info"]["cached_tokens"] for out in outputs]
+    assert cached[0] == 0
+    # Back-off: at most the window (128) minus the question's own tokens is recomputed.
+    assert all(c >= document - 128 for c in cached[1:]), (cached, document)
+    assert all(c / document >= 0.88 for c in cached[1:]), (cached, document)
+    assert [out["text"] for out in outputs] == uncached, "answers differ from the no-cache run"
+    removed = outputs[0]["meta_info"]["kvzap"]["removed_fraction"]
+    assert removed > 0.3
+    # One pruned copy of the document: later requests add at most their own question + answer tokens.
+    one_copy = cells[0]
+    assert one_copy < (1 - removed + 0.05) * len(prompts[0]) * CELLS_PER_TOKEN + 160 * CELLS_PER_TOKEN
+    for i in range(1, len(cells)):
+        own = outputs[i]["meta_info"]["prompt_tokens"] + outputs[i]["meta_info"]["completion_tokens"] - cached[i]
+        assert cells[i] - cells[i - 1] <= own * CELLS_PER_TOKEN, (i, cells)
+    assert cells[-1] < 1.5 * one_copy, cells
+    flush(mlp_server)
+    assert kvzap_state(mlp_server)["cells_in_use"] == 0
+
+
+def test_multi_turn_chat_keeps_hitting_the_cache(mlp_server, tokenizer):
+    context, samples = make_shared_document(tokenizer, 400, 3, seed=1)
+    flush(mlp_server)
+    messages = [{"role": "system", "content": f"Answer questions about this text.\n{context}"}]
+    previous = 0
+    for turn, sample in enumerate(samples):
+        messages.append({"role": "user", "content": sample.question})
+        out = generate(mlp_server, chat_ids(tokenizer, messages), 16)
+        meta = out["meta_info"]
+        if turn:
+            assert meta["cached_tokens"] >= 0.95 * previous, (turn, meta["cached_tokens"], previous)
+        messages.append({"role": "assistant", "content": out["text"].strip()})
+        previous = meta["prompt_tokens"] + meta["completion_tokens"]
+    state = wait_idle(mlp_server)
+    assert state["prefix_cache"] == "KvzapRadixCache" and state["cells_cached"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------- stress
+
+STRESS_REQUESTS = int(os.environ.get("KVZAP_PREFIX_STRESS_REQUESTS", "200"))
+WINDOW, POOL_TOKENS = 16, 1024
+
+
+@pytest.fixture(scope="module")
+def stress_server(smollm2_path, server_factory, head0_surrogate):
+    """Constant scores (KV head 0 pruned outside the window), window 16, chunked prefill of 64 tokens, a 1,024-token
+    pool, and the deep idle self-check."""
+    flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
+             "--chunked-prefill-size", "64", "--max-total-tokens", str(POOL_TOKENS), "--max-running-requests", "16"]  # fmt: skip
+    os.environ["KVZAP_CHECK_INVARIANTS"] = "1"
+    try:
+        with server_factory(smollm2_path, flags) as url:
+            yield url
+    finally:
+        del os.environ["KVZAP_CHECK_INVARIANTS"]
+
+
+def _stress_request(url: str, index: int, prefixes: list[list[int]], rng: random.Random) -> dict:
+    prefix = rng.choice(prefixes)[: rng.randint(0, 96)]
+    ids = prefix + [rng.randrange(1000, 40000) for _ in range(rng.randint(1, 2 * WINDOW))]
+    if index % 10 == 0:  # aborted by rid while queued, prefilling or decoding
+        rid = f"prefix-stress-{index}"
+        timer = threading.Timer(rng.uniform(0.0, 0.5), requests.post, args=(f"{url}/abort_request",),
+                                kwargs={"json": {"rid": rid}, "timeout": 60})  # fmt: skip
+        timer.start()
+        out = generate(url, ids, 8, rid=rid)
+        timer.join()
+    else:
+        out = generate(url, ids, rng.randint(1, 4))
+    return out["meta_info"]
+
+
+def test_stress_shared_prefixes_aborts_evictions_keep_every_invariant(stress_server):
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(1000, 40000) for _ in range(96)] for _ in range(12)]
+    seeds = [rng.randrange(10**9) for _ in range(STRESS_REQUESTS)]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        metas = list(pool.map(lambda i: _stress_request(stress_server, i, prefixes, random.Random(seeds[i])),
+                              range(STRESS_REQUESTS)))  # fmt: skip
+    assert len(metas) == STRESS_REQUESTS
+    assert sum(m["finish_reason"]["type"] == "abort" for m in metas) >= STRESS_REQUESTS // 100, "aborts happened"
+    cached = sum(m.get("cached_tokens", 0) for m in metas)  # an aborted request may report none
+    prompt = sum(m.get("prompt_tokens", 0) for m in metas)
+    assert cached > 0.2 * prompt, "shared prefixes were reused"
+    assert prompt > 10 * POOL_TOKENS, "far more tokens than the pool holds: the cache had to evict"
+    assert sum(m.get("prompt_tokens", 0) > 64 for m in metas) > STRESS_REQUESTS // 20, "chunked prefill happened"
+
+    state = wait_idle(stress_server)
+    assert requests.get(f"{stress_server}/health", timeout=60).status_code == 200, "an idle invariant check failed"
+    assert state["cells_in_use"] == state["cells_cached"], state
+    assert state["idle_checks"] > 0 and state["entries_pruned"] > 0
+    print(f"{STRESS_REQUESTS} requests: {sum(m['finish_reason']['type'] == 'abort' for m in metas)} aborted, "
+          f"{prompt} prompt tokens ({prompt / POOL_TOKENS:.0f}x the pool), {cached / prompt:.1%} cached; idle: "
+          f"{state['cells_in_use']} cells in use = {state['cells_cached']} cached, {state['idle_checks']} idle checks, "
+          f"{state['entries_pruned']} entries pruned")  # fmt: skip
+    flush(stress_server)
+    state = kvzap_state(stress_server)
+    assert state["cells_in_use"] == 0 and state["cells_cached"] == 0 and state["slots_cached"] == 0

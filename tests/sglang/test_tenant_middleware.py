@@ -1,0 +1,69 @@
+"""The HTTP edge of multi-tenant serving: ``TenantMiddleware`` resolves the tenant and writes it into ``extra_key``
+(SGLang's radix-cache namespace); refused identities get 401/403 with a reason and never reach the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from kvzap_sglang.plugin.tenants import TenantMiddleware
+from kvzap_sglang.tenants import TenantsConfig
+
+EXAMPLE = Path(__file__).parents[2] / "configs" / "tenants.example.toml"
+
+
+@pytest.fixture
+def client():
+    app = FastAPI()
+    seen = []
+
+    @app.post("/generate")
+    @app.post("/v1/chat/completions")
+    async def echo(request: Request):
+        body = await request.json()
+        seen.append(body)
+        return body
+
+    @app.post("/flush_cache")
+    async def other(request: Request):
+        return {"ok": True}
+
+    app.add_middleware(TenantMiddleware, config=TenantsConfig.load(EXAMPLE))
+    test_client = TestClient(app)
+    test_client.seen = seen
+    return test_client
+
+
+def test_the_key_decides_the_tenant_namespace(client):
+    body = client.post("/generate", json={"text": "hi"}, headers={"Authorization": "Bearer change-me-acme-0001"}).json()
+    assert body == {"text": "hi", "extra_key": "kvzap-tenant:acme"}
+    body = client.post("/v1/chat/completions", json={"messages": [], "extra_key": "user-1"}).json()
+    assert body["extra_key"] == "kvzap-tenant:default|user-1"  # no key: default tenant, the client's salt kept
+    body = client.post("/generate", json={"text": ["a", "b"], "extra_key": ["u1", None]},
+                       headers={"Authorization": "Bearer change-me-globex-01"}).json()  # fmt: skip
+    assert body["extra_key"] == ["kvzap-tenant:globex|u1", "kvzap-tenant:globex"]
+
+
+@pytest.mark.parametrize(
+    "headers, body, status, reason",
+    [
+        ({"Authorization": "Bearer change-me-acme-0001", "X-KVzap-Tenant": "globex"}, {}, 403, "belongs to tenant"),
+        ({"X-KVzap-Tenant": "globex"}, {}, 401, "needs its API key"),
+        ({"Authorization": "Bearer not-a-key-123"}, {}, 401, "unknown API key"),
+        ({}, {"extra_key": "kvzap-tenant:acme"}, 403, "tenant namespace"),
+        ({}, {"extra_key": 5}, 400, "extra_key must be"),
+    ],
+)
+def test_refused_identities_get_a_reason_and_never_reach_the_server(client, headers, body, status, reason):
+    response = client.post("/generate", json={"text": "hi", **body}, headers=headers)
+    assert response.status_code == status and reason in response.json()["error"]["message"]
+    assert client.seen == []
+
+
+def test_bad_json_is_a_400_and_other_paths_pass_untouched(client):
+    response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "invalid JSON" in response.json()["error"]["message"]
+    assert client.post("/flush_cache", headers={"X-KVzap-Tenant": "globex"}).json() == {"ok": True}

@@ -1,0 +1,163 @@
+"""Multi-tenant serving in the real HTTP server (CPU, SmolLM2, issue #8), with the real Redis and calibration service.
+
+One server with ``--kvzap-tenants`` (constant surrogate: KV head 0 scores 0 < τ = 0.5, heads 1-2 kept; window 16):
+tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``acme`` follows the
+calibration service. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
+tenant queues instead of exceeding its budget (sampled all along); a τ a tenant sets through the service applies
+to its new requests within seconds and to no other tenant; refused identities get 401/403.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+
+from calibrator.series import connect
+from service.app import create_app
+from service.core.config import Settings
+
+pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
+KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1"}
+SMALL_BUDGET_TOKENS = 200
+CELLS_PER_TOKEN = 30 * 3
+FILLER = "The grass is green. The sky is blue. The sun is yellow. "
+
+TENANTS_TOML = f"""
+[tenants.acme]
+api_key = "{KEYS['acme']}"
+
+[tenants.keep]
+api_key = "{KEYS['keep']}"
+threshold = -10.0
+
+[tenants.small]
+api_key = "{KEYS['small']}"
+kv_budget_tokens = {SMALL_BUDGET_TOKENS}
+"""
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    client = connect(REDIS_URL)
+    client.ping()
+    name = f"kvzap-test-{uuid.uuid4().hex[:10]}:"
+    yield name
+    keys = list(client.scan_iter(f"{name}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, prefix):
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    tenants.write_text(TENANTS_TOML)
+    flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
+             "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", prefix,
+             "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
+             "--kvzap-sample-rate", "0", "--max-total-tokens", "4096"]  # fmt: skip
+    with server_factory(smollm2_path, flags) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def service(prefix):
+    settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, admin_api_keys=["test-admin-key"],
+                        tenant_api_keys={"svc-acme-key": "acme", "svc-keep-key": "keep"},
+                        known_models=[MODEL])  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -> requests.Response:
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+    body = {"text": text, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
+    return requests.post(f"{url}/generate", json=body, headers=headers, timeout=900)
+
+
+def tenants_state(url: str) -> dict:
+    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]["tenants"]
+
+
+def prompt(tag: str, fillers: int = 4) -> str:
+    return f"<|im_start|>user\n{tag}: " + FILLER * fillers + "What colour is the sun?<|im_end|>\n"
+
+
+def test_each_tenant_prunes_at_its_own_tau(server):
+    pruned = generate(server, prompt("tau-a"), "acme").json()["meta_info"]
+    kept = generate(server, prompt("tau-k"), "keep").json()["meta_info"]
+    tokens = pruned["kvzap"]["tokens"]
+    assert pruned["kvzap"]["removed_fraction"] == pytest.approx((tokens - WINDOW) / (3 * tokens))
+    assert kept["kvzap"]["removed_fraction"] == 0.0
+    state = tenants_state(server)
+    assert state["keep"]["threshold"] == -10.0 and state["acme"]["threshold"] == 0.5
+    assert state["acme"]["entries_pruned"] > 0 and state["keep"]["entries_pruned"] == 0
+
+
+def test_cached_prefixes_are_not_served_across_tenants(server):
+    text = "Shared document: " + FILLER * 6 + "Which colours are named?"  # starts unlike every other prompt here
+    first = generate(server, text, "acme").json()["meta_info"]
+    again = generate(server, text, "acme").json()["meta_info"]
+    other = generate(server, text, "keep").json()["meta_info"]
+    anonymous = generate(server, text, None).json()["meta_info"]
+    assert first["cached_tokens"] == 0 and again["cached_tokens"] > first["prompt_tokens"] // 2
+    assert other["cached_tokens"] == 0 and anonymous["cached_tokens"] == 0
+
+
+def test_a_flooding_tenant_queues_within_its_budget(server):
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append(tenants_state(server)["small"])
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            outs = list(pool.map(lambda i: generate(server, prompt(f"flood-{i}"), "small", 16), range(8)))
+    finally:
+        stop.set()
+        sampler.join()
+    assert all(out.status_code == 200 for out in outs)
+    assert all(s["budget_cells"] == budget for s in samples)
+    assert max(s["cells_held"] for s in samples) <= budget, "held cells exceeded the budget"
+    assert max(s["cells_held"] for s in samples) > 0 and len(samples) > 5
+    assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
+
+
+def test_a_tenants_tau_set_through_the_service_applies_live_to_that_tenant_only(server, service):
+    assert service.put(f"/thresholds/{MODEL}/{TASK}", json={"tau": -10.0}, params={"tenant": "keep"},
+                       headers={"X-API-Key": "svc-acme-key"}).status_code == 403  # acme's key cannot touch keep  # fmt: skip
+    response = service.put(f"/thresholds/{MODEL}/{TASK}", json={"tau": -10.0}, headers={"X-API-Key": "svc-acme-key"})
+    assert response.status_code == 200 and response.json()["tenant"] == "acme"
+    deadline = time.monotonic() + 10
+    while tenants_state(server)["acme"]["threshold"] != -10.0:
+        assert time.monotonic() < deadline, "acme's τ was not applied within 10 s"
+        time.sleep(0.2)
+    assert generate(server, prompt("after-change"), "acme").json()["meta_info"]["kvzap"]["removed_fraction"] == 0.0
+    state = tenants_state(server)
+    assert state["default"]["threshold"] == 0.5 and state["small"]["threshold"] == 0.5
+
+
+def test_refused_identities_never_reach_the_scheduler(server):
+    assert generate(server, "hi", None).status_code == 200
+    response = requests.post(f"{server}/generate", json={"text": "hi"}, headers={"Authorization": "Bearer nope-nope-1"},
+                             timeout=60)  # fmt: skip
+    assert response.status_code == 401
+    response = requests.post(f"{server}/v1/chat/completions",
+                             json={"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                             headers={"Authorization": f"Bearer {KEYS['acme']}", "X-KVzap-Tenant": "keep"},
+                             timeout=60)  # fmt: skip
+    assert response.status_code == 403 and "belongs to tenant 'acme'" in response.json()["error"]["message"]
