@@ -46,8 +46,9 @@ SERVER_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
     "--page-size", "1", "--max-total-tokens", "16384", "--mem-fraction-static", "0.3", "--skip-server-warmup",
     "--random-seed", "0", "--log-level", "warning", "--host", "127.0.0.1",
-    # One prefill chunk per prompt: a later chunk would attend to an already pruned earlier chunk.
-    "--chunked-prefill-size", "16384",
+    # One prefill chunk per prompt: a later chunk would attend to an already pruned earlier chunk. For the same
+    # reason no prefix cache: a cached prefix (shared RULER preamble) is a prefill split at the cache boundary.
+    "--chunked-prefill-size", "16384", "--disable-radix-cache",
 ]  # fmt: skip
 
 
