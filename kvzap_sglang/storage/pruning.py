@@ -64,17 +64,7 @@ def prune_window_exits(
     freed_per_request = torch.zeros(prev_lens.numel(), dtype=torch.int64, device=store.device)
     if slots.numel() == 0:
         return freed_per_request
-    if layer is None:
-        scores = store.slot_scores.index_select(0, slots)  # [n, L, H]
-        cells = store.slot_to_cell.index_select(0, slots)
-    else:
-        if not 0 <= layer < store.config.num_layers:
-            raise ValueError(f"layer must be in 0..{store.config.num_layers - 1}, got {layer}")
-        scores = store.slot_scores[:, layer].index_select(0, slots)[:, None]  # [n, 1, H]
-        cells = store.slot_to_cell[:, layer].index_select(0, slots)[:, None]
-    drop = (scores < threshold) & (cells >= 0)  # [n, L', H]
-    rows, layer_idx, heads = drop.nonzero(as_tuple=True)
-    layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
+    rows, layers, heads = _held_entries_below(store, layer, slots, threshold)
     # Two requests may list the same slot (prefix sharing): count each entry for the first request listing it.
     entry = (slots[rows] * store.config.num_layers + layers) * store.config.num_kv_heads + heads
     _, first = _first_occurrence(entry)
@@ -101,6 +91,15 @@ def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, thre
     slots = slots.reshape(-1).to(device=store.device, dtype=torch.int64)
     if slots.numel() == 0:
         return 0
+    rows, layers, heads = _held_entries_below(store, layer, slots, threshold)
+    return store.prune_entries(slots[rows], layers, heads)
+
+
+def _held_entries_below(
+    store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, layers, heads)`` of the entries of ``slots`` ``[n]`` that still hold a cell and score ``< threshold``
+    (one τ, or one per slot ``[n]``) in ``layer`` (every layer for ``None``); ``rows`` index ``slots``."""
     if layer is None:
         scores = store.slot_scores.index_select(0, slots)  # [n, L, H]
         cells = store.slot_to_cell.index_select(0, slots)
@@ -111,6 +110,6 @@ def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, thre
         cells = store.slot_to_cell[:, layer].index_select(0, slots)[:, None]
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.reshape(-1, 1, 1).to(device=store.device, dtype=scores.dtype)
-    rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)
+    rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)  # [n, L', H] mask
     layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
-    return store.prune_entries(slots[rows], layers, heads)
+    return rows, layers, heads
