@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +36,7 @@ import torch
 from benchmarks import baselines
 from benchmarks.tasks import TASKS, encode, make_sample, string_match_all
 from kvzap_sglang.policy import DEFAULT_WINDOW
-from kvzap_sglang.plugin.server_process import wait_until_healthy
+from kvzap_sglang.plugin.server_process import launched_server
 
 SERVER_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
@@ -74,34 +70,11 @@ class Comparison:
     pool_cells_in_use_after: int = -1  # /server_info cells_in_use once both requests are gone
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def running_server(model_path: Path, flags: list[str], timeout_s: float = 600.0):
-    """``python -m sglang.launch_server`` as a child (log in a temp file); yields its URL; always terminated."""
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *SERVER_FLAGS,
-           "--port", str(port), *flags]  # fmt: skip
-    log = tempfile.NamedTemporaryFile("w+", prefix="kvzap-fidelity-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(proc, url, log.name, timeout_s)
+    """``python -m sglang.launch_server`` with this benchmark's flags; yields its URL; always terminated."""
+    with launched_server(model_path, [*SERVER_FLAGS, *flags], timeout_s) as url:
         yield url
-    finally:
-        proc.terminate()  # SIGTERM: SGLang drains and stops its scheduler/detokenizer children
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        os.unlink(log.name)
 
 
 def server_generate(url: str, prompt_ids: list[int], max_new_tokens: int) -> dict:

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from kvzap_sglang.plugin.server_process import wait_until_healthy
+from kvzap_sglang.plugin.server_process import launched_server
 
 os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # is_cpu() reads it; without it the model build fails on vllm ops
 
@@ -67,36 +63,13 @@ def running_engine(model_path: Path, **overrides):
             engine.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: float = 180.0):
-    """`python -m sglang.launch_server` on CPU as a child process; yields its base URL; always terminated."""
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *CPU_SERVER_FLAGS,
-           "--port", str(port), *extra_flags]  # fmt: skip
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    # The log goes to a file, not a pipe: an unread pipe fills up and blocks the server.
-    log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(proc, url, log.name, timeout_s)
+    """`python -m sglang.launch_server` on CPU as a child process; yields its base URL; always terminated
+    (``KVZAP_KEEP_SERVER_LOG=1`` keeps its log file)."""
+    keep_log = bool(os.environ.get("KVZAP_KEEP_SERVER_LOG"))
+    with launched_server(model_path, [*CPU_SERVER_FLAGS, *extra_flags], timeout_s, keep_log=keep_log) as url:
         yield url
-    finally:
-        proc.terminate()  # SIGTERM: SGLang drains and kills its scheduler/detokenizer children
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        os.environ.get("KVZAP_KEEP_SERVER_LOG") or os.unlink(log.name)
 
 
 @functools.lru_cache(maxsize=1)
