@@ -165,10 +165,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"removed fraction {state['removed_fraction']:.3f}  requests finished {state['requests_finished']}")  # fmt: skip
     tenants = state.get("tenants") or {}
     if tenants:
-        print(f"{'tenant':<16} {'τ':>7} {'window':>6} {'cells held':>10} {'budget':>10} {'queued':>6} {'removed':>7}")
+        print(f"{'tenant':<16} {'τ':>7} {'τ base':>7} {'window':>6} {'cells held':>10} {'budget':>10} {'queued':>6} "
+              f"{'removed':>7}")  # fmt: skip
         for name, t in tenants.items():
             budget = "-" if t["budget_cells"] is None else str(t["budget_cells"])
-            print(f"{name:<16} {t['threshold']:>7.3f} {t['window']:>6} {t['cells_held']:>10} {budget:>10} "
+            base = t.get("threshold_base", t["threshold"])
+            print(f"{name:<16} {t['threshold']:>7.3f} {base:>7.3f} {t['window']:>6} {t['cells_held']:>10} {budget:>10} "
                   f"{t['queued_requests']:>6} {t['removed_fraction']:>7.3f}")  # fmt: skip
     return 0
 

@@ -11,6 +11,15 @@ Knows nothing of SGLang. A TOML file (``--kvzap-tenants PATH``, example in ``con
     window = 128              # omitted: --kvzap-window
     kv_budget_tokens = 8192   # cells held by live requests + cached prefixes, in token-equivalents
                               # (one token-equivalent = layers × kv_heads cells); omitted: no budget
+    threshold_range = [-4.3, -2.0]  # optional "tighten before queueing" policy: when a request would wait for
+                              # the budget, the tenant's τ first rises (up to the upper end) and its decided
+                              # entries are re-judged at it; back to its τ once none of its requests wait.
+                              # The tenant's τ (file, flag or calibration service) is kept inside the range.
+    prefix_cache_group = "public-docs"  # optional: tenants naming the same group share cached prefixes (each
+                              # cell still counts against the tenant whose request wrote it); omitted: own cache
+
+Cached prefixes are per tenant (``extra_key_for``: each tenant is its own radix-cache namespace) unless tenants
+name the same ``prefix_cache_group`` (``cache_namespace``).
 
 Identity (``TenantsConfig.resolve``): when any tenant has an ``api_key``, a request's tenant is the one whose key it
 presents (``Authorization: Bearer KEY``); a request naming a tenant (``X-KVzap-Tenant``) must present that
@@ -33,6 +42,8 @@ TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TENANTS = 64  # the cell store's tenant tags (storage.cell_store.MAX_TENANTS)
 # The radix-cache namespace (SGLang's extra_key) of a tenant: cached prefixes are never shared across tenants.
 EXTRA_KEY_PREFIX = "kvzap-tenant:"
+# The radix-cache namespace of a prefix-cache group (``cache_namespace``): shared by the group's tenants.
+GROUP_KEY_PREFIX = "kvzap-group:"
 
 
 class TenantsConfigError(ValueError):
@@ -55,6 +66,8 @@ class TenantSpec(BaseModel):
     window: int | None = Field(None, ge=0)
     kv_budget_tokens: int | None = Field(None, ge=1)
     api_key: str | None = Field(None, min_length=8, repr=False)
+    threshold_range: tuple[float, float] | None = None  # [τ_min, τ_max] of the tighten-before-queueing policy
+    prefix_cache_group: str | None = Field(None, pattern=TENANT_PATTERN)  # tenants sharing cached prefixes
 
     @field_validator("threshold")
     @classmethod
@@ -62,6 +75,32 @@ class TenantSpec(BaseModel):
         if value is not None and not math.isfinite(value):
             raise ValueError("threshold must be finite")
         return value
+
+    @field_validator("threshold_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None:
+            low, high = value
+            if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+                raise ValueError(f"threshold_range must be two finite numbers [min, max] with min <= max, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> TenantSpec:
+        if self.threshold_range is not None:
+            if self.kv_budget_tokens is None:
+                raise ValueError("threshold_range (tighten before queueing) needs a kv_budget_tokens")
+            low, high = self.threshold_range
+            if self.threshold is not None and not low <= self.threshold <= high:
+                raise ValueError(f"threshold {self.threshold} lies outside threshold_range [{low}, {high}]")
+        return self
+
+    def clamp_threshold(self, tau: float) -> float:
+        """``tau`` kept inside ``threshold_range`` (unchanged without one)."""
+        if self.threshold_range is None:
+            return tau
+        low, high = self.threshold_range
+        return min(max(tau, low), high)
 
 
 class TenantsConfig(BaseModel):
@@ -103,6 +142,10 @@ class TenantsConfig(BaseModel):
     def names(self) -> list[str]:
         return list(self.specs())
 
+    def prefix_cache_groups(self) -> dict[str, str]:
+        """Tenant → prefix-cache group, for the tenants that name one."""
+        return {name: spec.prefix_cache_group for name, spec in self.specs().items() if spec.prefix_cache_group}
+
     @property
     def keys_configured(self) -> bool:
         return any(spec.api_key for spec in self.specs().values())
@@ -130,6 +173,16 @@ class TenantsConfig(BaseModel):
 def extra_key_for(tenant: str, client_extra_key: str | None = None) -> str:
     """The radix-cache namespace of ``tenant`` (keeping the client's own ``extra_key`` salt after it)."""
     return f"{EXTRA_KEY_PREFIX}{tenant}" + (f"|{client_extra_key}" if client_extra_key else "")
+
+
+def cache_namespace(extra_key: str | None, groups: dict[str, str]) -> str | None:
+    """The radix-cache namespace of a request's ``extra_key``: its tenant's group's when the tenant is in a
+    ``prefix_cache_group`` (tenant name replaced by the group, the client's salt kept), else ``extra_key`` itself."""
+    if not extra_key or not extra_key.startswith(EXTRA_KEY_PREFIX):
+        return extra_key
+    tenant, sep, salt = extra_key[len(EXTRA_KEY_PREFIX) :].partition("|")
+    group = groups.get(tenant)
+    return extra_key if group is None else f"{GROUP_KEY_PREFIX}{group}{sep}{salt}"
 
 
 def tenant_of_extra_key(extra_key: str | None) -> str:

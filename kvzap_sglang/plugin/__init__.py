@@ -52,11 +52,6 @@ def register() -> None:
     settings = KVzapSettings.from_env()
     if settings is not None:
         _register_serving_hooks(HookRegistry, HookType)
-        if settings.tenants is not None:
-            from kvzap_sglang.plugin.tenants import admit_within_budgets
-
-            HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
-                                  admit_within_budgets, HookType.AROUND)  # fmt: skip
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)
@@ -82,6 +77,9 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
     )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state", reporting.add_internal_state, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", hooks.admission, HookType.AROUND
     )
     # KVzap on + CPU: the torch_native choice (required at launch) is served by the cell-store backend.
     register_attention_backend("kvzap_torch")(create_kvzap_torch_backend)

@@ -9,6 +9,9 @@
   forward's K/V are in the cells), score the layer's post-norm inputs and prune window exits.
 * ``release_window`` — AROUND ``release_kv_cache``: a request that gives its row back (finished, aborted,
   retracted) stops protecting the slots of its window.
+* ``admission`` — AROUND ``Scheduler.get_new_batch_prefill``: SGLang closes admission after a failed try until a
+  request leaves; pruning frees cells without any request leaving, so KVzap reopens it when cells came back. With
+  ``--kvzap-tenants`` it then applies the tenants' KV budgets (``tenants.admit_within_budgets``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from kvzap_sglang.plugin import runtime
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
 from kvzap_sglang.plugin.settings import KVzapSettings
+from kvzap_sglang.plugin.tenants import admit_within_budgets
 
 ATTENTION_MODULES = (
     "sglang.srt.models.llama.LlamaAttention.forward",
@@ -59,3 +63,27 @@ def release_window(original, req, tree_cache, *args, **kwargs):
     if rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None:
         rt.release_row(kv.req_pool_idx, tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx])
     return original(req, tree_cache, *args, **kwargs)
+
+
+def admission(original, scheduler, running_batch, *args, **kwargs):
+    """Clear ``running_batch.batch_is_full`` once pruning has returned at least a token's worth of cells since the
+    mark was set.
+
+    SGLang sets the mark when an admission fails for lack of memory and clears it only when a request finishes or
+    is retracted (``scheduler.py``). With KVzap, forwards free cells of running requests, so a waiting request may
+    fit long before anyone leaves; without this, measured capacity stopped at 7 requests with room for an 8th
+    (benchmarks/README.md, "Capacity"). A retry costs one pass of SGLang's own ``PrefillAdder``.
+    """
+    rt = runtime.current()
+    if rt is not None and running_batch.batch_is_full and rt.admission_closed_at_free_cells is not None:
+        if rt.store.free_cells() >= rt.admission_closed_at_free_cells + rt.store.config.entries_per_token:
+            running_batch.batch_is_full = False
+            rt.admissions_reopened += 1
+    was_full = running_batch.batch_is_full
+    if rt is not None and rt.tenants is not None:
+        plan = admit_within_budgets(original, scheduler, running_batch, *args, **kwargs)
+    else:
+        plan = original(scheduler, running_batch, *args, **kwargs)
+    if rt is not None and not was_full and plan.running_batch.batch_is_full:
+        rt.admission_closed_at_free_cells = rt.store.free_cells()
+    return plan

@@ -21,6 +21,10 @@ events) with four changes:
   after a back-off); the rest stays the request's own and is freed when it finishes.
 * **Window references follow slot swaps** (``WindowTracker.retarget``) when an insert repoints a request's row
   onto the tree's copy.
+* **Tenant namespaces** (``--kvzap-tenants``): a request's ``extra_key`` names its tenant, so tenants never share
+  cached prefixes; tenants of one ``prefix_cache_group`` do — every key reaching the tree is mapped to the group's
+  namespace (``tenants.cache_namespace``) in the two helpers all lookups and inserts go through. The cells of a
+  shared node count against the tenant whose request wrote them (the budgets' "share of the prefix cache").
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from kvzap_sglang.plugin import runtime
 from kvzap_sglang.plugin.cell_pool import EVICTABLE, PROTECTED, KvzapSlotAllocator
+from kvzap_sglang.tenants import cache_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class KvzapRadixCache(RadixCache):
         self.store = allocator.store
         self.entries_per_token = self.store.config.entries_per_token
         self._raw_match = False
+        self._groups: dict[str, str] | None = None  # tenant → prefix-cache group, read once from the settings
         super().__init__(params)
         allocator.slot_reclaimer = self.evict_slots
         logger.info("KVzap radix cache: prefix sharing of pruned KV on")
@@ -156,8 +162,22 @@ class KvzapRadixCache(RadixCache):
         first = worse.nonzero()
         return start + int(first[0]) if first.numel() else len(key)
 
+    def _namespaced(self, key: RadixKey) -> RadixKey:
+        """``key`` in its tenant's cache namespace (its group's, for a tenant in a ``prefix_cache_group``)."""
+        if self._groups is None:
+            rt = runtime.current()
+            config = None if rt is None else rt.settings.tenants_config()
+            self._groups = {} if config is None else config.prefix_cache_groups()
+        namespace = cache_namespace(key.extra_key, self._groups) if self._groups else key.extra_key
+        if namespace == key.extra_key:
+            return key
+        return RadixKey(key.token_ids, namespace, is_bigram=key.is_bigram, limit=key.limit, cache_salt=key.cache_salt)
+
+    def _match_prefix_helper(self, node, key):
+        return super()._match_prefix_helper(node, self._namespaced(key))
+
     def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
-        prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
+        prefix_len, last = super()._insert_helper(node, self._namespaced(key), value, priority, inserted_len)
         if last is not self.root_node and last.lock_ref == 0:
             self.store.set_group(last.value, EVICTABLE)  # a new leaf (no-op for an existing evictable node)
         return prefix_len, last

@@ -139,6 +139,8 @@ class _Metrics:
                 "budget_cells": "The tenant's KV budget in cells (-1: none)",
                 "queued_requests": "The tenant's requests waiting for admission",
                 "threshold": "The tenant's τ in use",
+                "threshold_base": "The tenant's τ when it is not tightening before queueing",
+                "tightenings": "Times the tenant's τ was raised before queueing (threshold_range)",
                 "removed_fraction": "Entries pruned / entries written for the tenant since start-up",
             }
             self._tenant_gauges = {k: Gauge(f"kvzap_tenant_{k}", doc, ["tenant"], multiprocess_mode="mostrecent")

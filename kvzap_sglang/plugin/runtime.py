@@ -16,7 +16,7 @@ import torch
 from kvzap_sglang.plugin.settings import KVzapConfigError, KVzapSettings, ModelDims, resolve_surrogate
 from kvzap_sglang.plugin.tenants import TenantTable
 from kvzap_sglang.tenants import DEFAULT_TENANT
-from kvzap_sglang.storage import CellStore, QueryLayout, WindowTracker, prune_decided
+from kvzap_sglang.storage import CellStore, QueryLayout, WindowTracker, prune_decided, retighten
 from kvzap_sglang.surrogate import CheckpointError, KVzapSurrogate
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class KvzapRuntime:
     # Highest τ any slot was decided at: a request whose τ is not below it can reuse any cached entry (radix_cache).
     highest_decided_tau: float = float("-inf")
     tenants: TenantTable | None = None  # multi-tenant serving (--kvzap-tenants)
+    # Free cells when SGLang last closed admission (batch_is_full); hooks.reopen_admission compares against it.
+    admission_closed_at_free_cells: int | None = None
+    admissions_reopened: int = 0
 
     def layer(self, layer_id: int) -> int:
         return layer_id - self.start_layer
@@ -148,14 +151,35 @@ class KvzapRuntime:
         stay decided: each one is judged once, when it leaves the window, with the τ of that moment."""
         self.settings = replace(self.settings, threshold=float(tau))  # validated like a start-up value
         if self.tenants is not None:
-            self.tenants.thresholds[0] = float(tau)
+            self.tenants.set_base_threshold(0, float(tau))
 
     def set_tenant_threshold(self, tenant: str, tau: float) -> None:
         """A tenant's τ changed (calibration service): it judges that tenant's next decisions."""
         if tenant == DEFAULT_TENANT or self.tenants is None:
             return self.set_threshold(tau)
         KVzapSettings(threshold=float(tau))  # same validation as a start-up value
-        self.tenants.thresholds[self.tenants.index(tenant)] = float(tau)
+        self.tenants.set_base_threshold(self.tenants.index(tenant), float(tau))
+
+    def tighten_tenant(self, t: int, cells_needed: int) -> int:
+        """Tighten-before-queueing (plugin/tenants.py): raise tenant ``t``'s τ within its range until judging its
+        decided entries again frees ``cells_needed`` cells (or τ_max is reached); returns the cells freed."""
+        table, store = self.tenants, self.store
+        tau_max = table.ranges[t][1]
+        if table.thresholds[t] >= tau_max:
+            return 0
+        mine = (store.tenant.tag == t) & ~torch.isnan(store.slot_decided)
+        mine[0] = False  # the padding slot
+        tau, freed = retighten(store, mine.nonzero().squeeze(1), cells_needed, table.thresholds[t], tau_max)
+        if tau > table.thresholds[t]:
+            table.thresholds[t] = tau
+            table.tightenings[t] += 1
+            self.highest_decided_tau = max(self.highest_decided_tau, tau)
+        table.entries_pruned[t] += freed
+        table.entries_pruned_tightening[t] += freed
+        self.totals.entries_pruned += freed
+        if freed:
+            notify_cells_released()
+        return freed
 
     @property
     def surrogate_dtype(self) -> torch.dtype:
@@ -174,6 +198,7 @@ class KvzapRuntime:
             "entries_pruned": self.totals.entries_pruned,
             "removed_fraction": self.totals.entries_pruned / max(1, self.totals.entries_reserved),
             "requests_finished": self.totals.requests_finished,
+            "admissions_reopened": self.admissions_reopened,
         }
 
 

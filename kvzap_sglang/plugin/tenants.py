@@ -9,12 +9,17 @@ per-tenant KV budgets at admission, per-tenant figures.
 * **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
   and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The
   calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
-* **Budgets** (scheduler) — AROUND ``Scheduler.get_new_batch_prefill``: a waiting request whose tenant's held cells
+* **Budgets** (scheduler) — in ``hooks.admission``, AROUND ``Scheduler.get_new_batch_prefill``: a waiting request whose tenant's held cells
   (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its running requests may still
   need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would exceed the budget stays queued
   for this round, after the tenant's own evictable cached prefixes have been evicted to make room; the other
   tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. A request
   larger than its tenant's whole budget is admitted alone once the tenant holds nothing.
+* **Tighten before queueing** (optional, ``threshold_range = [τ_min, τ_max]``) — before such a request is held back,
+  the tenant's τ rises to the lowest value up to τ_max at which judging its decided entries again frees the cells
+  the request lacks (``storage.retighten``: scores are kept, so nothing is rescored); it stays there for the
+  tenant's later decisions while any of its requests wait, then returns to its base τ. The budget check itself is
+  unchanged (worst case, unpruned), so held cells never exceed the budget either way.
 """
 
 from __future__ import annotations
@@ -48,28 +53,35 @@ class TenantTable:
     """Per-tenant settings and counters in a scheduler; index 0 is ``default``."""
 
     names: list[str]
-    thresholds: list[float]
+    thresholds: list[float]  # τ in use (above base_thresholds while the tighten policy is active)
     windows: list[int]
     budget_cells: list[int | None]
     row_tenant: torch.Tensor  # int64 [rows]: tenant of the request in each req_to_token row
+    base_thresholds: list[float] = field(default_factory=list)  # the file's / flag's / calibration service's τ
+    ranges: list[tuple[float, float] | None] = field(default_factory=list)  # tighten-before-queueing [min, max]
     entries_reserved: list[int] = field(default_factory=list)
     entries_pruned: list[int] = field(default_factory=list)
     queued: list[int] = field(default_factory=list)
     held_back: list[int] = field(default_factory=list)  # admission rounds a request waited for its budget
+    tightenings: list[int] = field(default_factory=list)  # times τ was raised before queueing
+    entries_pruned_tightening: list[int] = field(default_factory=list)  # cells freed by those raises
 
     @classmethod
     def build(cls, config: TenantsConfig, threshold: float, window: int, cells_per_token: int, num_rows: int,
               device) -> TenantTable:  # fmt: skip
         specs = config.specs()
         n = len(specs)
+        base = [s.clamp_threshold(threshold if s.threshold is None else s.threshold) for s in specs.values()]
         return cls(
             names=list(specs),
-            thresholds=[threshold if s.threshold is None else s.threshold for s in specs.values()],
+            thresholds=list(base),
             windows=[window if s.window is None else s.window for s in specs.values()],
             budget_cells=[None if s.kv_budget_tokens is None else s.kv_budget_tokens * cells_per_token
                           for s in specs.values()],  # fmt: skip
             row_tenant=torch.zeros(num_rows, dtype=torch.int64, device=device),
+            base_thresholds=base, ranges=[s.threshold_range for s in specs.values()],
             entries_reserved=[0] * n, entries_pruned=[0] * n, queued=[0] * n, held_back=[0] * n,
+            tightenings=[0] * n, entries_pruned_tightening=[0] * n,
         )  # fmt: skip
 
     def index(self, name: str) -> int:
@@ -85,6 +97,19 @@ class TenantTable:
     @property
     def has_budgets(self) -> bool:
         return any(b is not None for b in self.budget_cells)
+
+    def set_base_threshold(self, t: int, tau: float) -> None:
+        """A new τ for tenant ``t`` (calibration service, flag): kept inside its range; a τ tightened above it
+        stays until the tenant's queue empties (``relax``)."""
+        low_high = self.ranges[t]
+        base = tau if low_high is None else min(max(tau, low_high[0]), low_high[1])
+        tightened = self.thresholds[t] > self.base_thresholds[t]
+        self.base_thresholds[t] = base
+        self.thresholds[t] = max(base, self.thresholds[t]) if tightened else base
+
+    def relax(self, t: int) -> None:
+        """Tenant ``t`` has nothing waiting: later decisions go back to its base τ (entries freed stay freed)."""
+        self.thresholds[t] = self.base_thresholds[t]
 
     def threshold_tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.thresholds, dtype=torch.float32, device=device)
@@ -139,7 +164,11 @@ def _hold_back(scheduler, rt, table: TenantTable) -> list:
         busy[t] = True
         remaining = max(0, _max_new_tokens(scheduler, req) - len(req.output_ids))
         committed[t] += remaining * per_token
-    held_back = []
+    waiting = {table.index_of_request(req) for req in scheduler.waiting_queue}
+    for t, low_high in enumerate(table.ranges):
+        if low_high is not None and t not in waiting:
+            table.relax(t)
+    held_back, tightened = [], set()
     for req in scheduler.waiting_queue:
         t = table.index_of_request(req)
         budget = table.budget_cells[t]
@@ -150,6 +179,9 @@ def _hold_back(scheduler, rt, table: TenantTable) -> list:
             evict = getattr(scheduler.tree_cache, "evict_tenant", None)
             if evict is not None:
                 committed[t] -= evict(t, committed[t] + need - budget)
+        if committed[t] + need > budget and table.ranges[t] is not None and t not in tightened:
+            tightened.add(t)  # one re-judgement per tenant and round: it scans the tenant's decided slots
+            committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget)
         fits = committed[t] + need <= budget
         alone = not busy[t] and rt.store.tenant.cells[t] == 0 and need > budget
         if fits or alone:
@@ -259,6 +291,10 @@ def snapshot(table: TenantTable, store) -> dict:
         reserved = table.entries_reserved[t]
         out[name] = {
             "threshold": table.thresholds[t],
+            "threshold_base": table.base_thresholds[t],
+            "threshold_range": None if table.ranges[t] is None else list(table.ranges[t]),
+            "tightenings": table.tightenings[t],
+            "entries_pruned_tightening": table.entries_pruned_tightening[t],
             "window": table.windows[t],
             "budget_cells": table.budget_cells[t],
             "cells_held": store.tenant.cells[t],

@@ -6,7 +6,8 @@
   ``QueryLayout``, ``fold_queries`` for FlashInfer's folded batch);
 * ``attention`` — torch attention over that metadata (``attend``);
 * ``pruning`` — DMS decisions applied to the store (``prune_window_exits`` for private sequences,
-  ``prune_decided`` for the slots a ``WindowTracker`` says are decided now);
+  ``prune_decided`` for the slots a ``WindowTracker`` says are decided now, ``retighten`` to judge decided
+  entries again at a higher τ);
 * ``windows`` — which slots lie in some live request's window when requests share slots (``WindowTracker``).
 
 One forward, per layer ``l`` (``token_slots = req_to_token[req_pool_indices, :max(seq_lens)]``)::
@@ -31,7 +32,7 @@ from kvzap_sglang.storage.layout import (
     pad_slot_lists,
 )
 from kvzap_sglang.storage.attention import attend
-from kvzap_sglang.storage.pruning import prune_decided, prune_window_exits, window_exit_positions
+from kvzap_sglang.storage.pruning import prune_decided, prune_window_exits, retighten, window_exit_positions
 from kvzap_sglang.storage.windows import WindowTracker
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "pad_slot_lists",
     "prune_decided",
     "prune_window_exits",
+    "retighten",
     "window_exit_positions",
     "WindowTracker",
 ]

@@ -113,3 +113,35 @@ def _held_entries_below(
     rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)  # [n, L', H] mask
     layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
     return rows, layers, heads
+
+
+def retighten(
+    store: CellStore, slots: torch.Tensor, cells_needed: int, tau_from: float, tau_max: float
+) -> tuple[float, int]:
+    """Judge the decided ``slots`` ``[n]`` again at the lowest τ' in ``[tau_from, tau_max]`` that frees at least
+    ``cells_needed`` of their cells (``tau_max`` when even that falls short), and free them.
+
+    The tighten-before-queueing policy of a tenant at its KV budget: the per-entry scores are kept, so entries that
+    were kept at a lower τ can be judged again without scoring anything; an entry freed here is one the tenant
+    would have dropped had it run at τ' all along. ``slot_decided`` rises to τ' (the prefix cache's back-off reads
+    it through the scores: a request below τ' recomputes the entries freed here). Returns ``(τ', cells freed)``.
+    """
+    if tau_from > tau_max:
+        raise ValueError(f"tau_from ({tau_from}) must not exceed tau_max ({tau_max})")
+    slots = slots.reshape(-1).to(device=store.device, dtype=torch.int64)
+    if slots.numel() == 0:
+        return tau_from, 0
+    scores = store.slot_scores.index_select(0, slots)
+    held = (store.slot_to_cell.index_select(0, slots) >= 0) & ~torch.isnan(scores)
+    candidates = torch.sort(scores[held & (scores < tau_max)]).values
+    tau = tau_from
+    if cells_needed > candidates.numel():
+        tau = tau_max
+    elif cells_needed > 0:
+        # The smallest float above the k-th lowest score frees it (strict <) and every score below it.
+        kth = candidates[cells_needed - 1]
+        tau = max(tau_from, min(float(torch.nextafter(kth, kth.new_tensor(float("inf")))), tau_max))
+    freed = prune_decided(store, None, slots, tau)
+    decided = store.slot_decided.index_select(0, slots)
+    store.slot_decided[slots] = torch.clamp(decided, min=tau)
+    return tau, freed

@@ -126,3 +126,10 @@ def test_prune_on_the_real_smollm2_with_the_bundled_surrogate(smollm2_path, caps
     # 30 layers × 3 heads; the last 128 of ~330 tokens are protected, so at most ~61 % can go.
     assert 0.0 < fraction < 0.62
     assert "30 layers × 3 KV heads" in out
+
+
+def test_status_of_an_unreachable_server_exits_1_with_the_reason(capsys):
+    from kvzap_sglang.plugin.server_process import free_port
+
+    assert main(["status", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert "cannot read" in capsys.readouterr().err

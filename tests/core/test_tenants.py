@@ -11,6 +11,7 @@ from kvzap_sglang.tenants import (
     TenantAuthError,
     TenantsConfig,
     TenantsConfigError,
+    cache_namespace,
     extra_key_for,
     tenant_of_extra_key,
 )
@@ -35,6 +36,12 @@ def test_the_example_file_loads_with_default_first():
         ("[tenants.acme]\nbudget = 3\n", "Extra inputs"),
         ('[tenants.a]\napi_key = "same-key-1"\n[tenants.b]\napi_key = "same-key-1"\n', "share an api_key"),
         ("[tenants.acme\n", "tenants file"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [1.0, 0.0]\n", "min <= max"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [0.0, inf]\n", "finite"),
+        ("[tenants.acme]\nthreshold_range = [-4.0, -2.0]\n", "needs a kv_budget_tokens"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold = -5.0\nthreshold_range = [-4.0, -2.0]\n", "outside"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [-4.0]\n", "threshold_range"),
+        ('[tenants.acme]\nprefix_cache_group = "no spaces"\n', "should match pattern"),
     ],
 )
 def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):
@@ -74,3 +81,28 @@ def test_extra_key_round_trip_keeps_the_clients_salt():
     assert extra_key_for("acme", "user-7") == "kvzap-tenant:acme|user-7"
     assert tenant_of_extra_key("kvzap-tenant:acme|user-7") == "acme"
     assert tenant_of_extra_key("user-7") == DEFAULT_TENANT and tenant_of_extra_key(None) == DEFAULT_TENANT
+
+
+def test_a_threshold_range_clamps_the_tenants_tau():
+    config = TenantsConfig.model_validate(
+        {"tenants": {"acme": {"kv_budget_tokens": 100, "threshold_range": [-4.0, -2.0]}}}
+    )
+    spec = config.tenants["acme"]
+    assert spec.threshold_range == (-4.0, -2.0)
+    assert [spec.clamp_threshold(t) for t in (-9.0, -3.0, 5.0)] == [-4.0, -3.0, -2.0]
+    assert config.default.clamp_threshold(-9.0) == -9.0  # no range: unchanged
+
+
+def test_only_tenants_of_one_prefix_cache_group_share_a_cache_namespace():
+    config = TenantsConfig.model_validate({"tenants": {"a": {"prefix_cache_group": "docs"},
+                                                       "b": {"prefix_cache_group": "docs"}, "c": {}}})  # fmt: skip
+    groups = config.prefix_cache_groups()
+    assert groups == {"a": "docs", "b": "docs"}
+    a, b, c = (cache_namespace(extra_key_for(t), groups) for t in "abc")
+    assert a == b == "kvzap-group:docs" and c == extra_key_for("c")
+    # The client's own salt still separates caches inside the group; keys that name no tenant are left alone.
+    assert cache_namespace(extra_key_for("a", "s1"), groups) == "kvzap-group:docs|s1" != cache_namespace(
+        extra_key_for("b", "s2"), groups)
+    assert cache_namespace(None, groups) is None and cache_namespace("plain", groups) == "plain"
+    # The tenant itself is still read from the request's extra_key, not from the namespace.
+    assert tenant_of_extra_key(extra_key_for("b", "s2")) == "b"

@@ -94,10 +94,12 @@ def test_stress_shared_prefixes_aborts_evictions_keep_every_invariant(stress_ser
     assert requests.get(f"{stress_server}/health", timeout=60).status_code == 200, "an idle invariant check failed"
     assert state["cells_in_use"] == state["cells_cached"], state
     assert state["idle_checks"] > 0 and state["entries_pruned"] > 0
+    # Admission closed on a full pool and pruning reopened it (hooks.admission) while the invariants above held.
+    assert state["admissions_reopened"] > 0
     print(f"{STRESS_REQUESTS} requests: {sum(m['finish_reason']['type'] == 'abort' for m in metas)} aborted, "
           f"{prompt} prompt tokens ({prompt / POOL_TOKENS:.0f}x the pool), {cached / prompt:.1%} cached; idle: "
           f"{state['cells_in_use']} cells in use = {state['cells_cached']} cached, {state['idle_checks']} idle checks, "
-          f"{state['entries_pruned']} entries pruned")  # fmt: skip
+          f"{state['entries_pruned']} entries pruned, admission reopened {state['admissions_reopened']} times")  # fmt: skip
     requests.post(f"{stress_server}/flush_cache", timeout=60).raise_for_status()
     state = kvzap_state(stress_server)
     assert state["cells_in_use"] == 0 and state["cells_cached"] == 0 and state["slots_cached"] == 0

@@ -1,8 +1,9 @@
 """Multi-tenant serving in the real HTTP server (CPU, SmolLM2, issue #8), with the real Redis and calibration service.
 
 One server with ``--kvzap-tenants`` (constant surrogate: KV head 0 scores 0 < τ = 0.5, heads 1-2 kept; window 16):
-tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``acme`` follows the
-calibration service. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
+tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``tight`` the same budget
+with the tighten-before-queueing policy (τ within [0.5, 1.5]: under pressure head 1, scoring 1, goes too), ``acme``
+follows the calibration service. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
 tenant queues instead of exceeding its budget (sampled all along); a τ a tenant sets through the service applies
 to its new requests within seconds and to no other tenant; refused identities get 401/403.
 """
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with 
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
-KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1"}
+KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1", "tight": "tight-test-key-1",
+        "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key"}
 SMALL_BUDGET_TOKENS = 200
 CELLS_PER_TOKEN = 30 * 3
 FILLER = "The grass is green. The sky is blue. The sun is yellow. "
@@ -42,6 +44,19 @@ threshold = -10.0
 [tenants.small]
 api_key = "{KEYS['small']}"
 kv_budget_tokens = {SMALL_BUDGET_TOKENS}
+
+[tenants.tight]
+api_key = "{KEYS['tight']}"
+kv_budget_tokens = {SMALL_BUDGET_TOKENS}
+threshold_range = [0.5, 1.5]
+
+[tenants.docs-a]
+api_key = "{KEYS['docs-a']}"
+prefix_cache_group = "docs"
+
+[tenants.docs-b]
+api_key = "{KEYS['docs-b']}"
+prefix_cache_group = "docs"
 """
 
 
@@ -113,28 +128,63 @@ def test_cached_prefixes_are_not_served_across_tenants(server):
     assert other["cached_tokens"] == 0 and anonymous["cached_tokens"] == 0
 
 
-def test_a_flooding_tenant_queues_within_its_budget(server):
-    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+def test_tenants_of_one_prefix_cache_group_share_cached_prefixes_and_no_one_else_does(server):
+    text = "Group document: " + FILLER * 6 + "Which colours are named?"
+    first = generate(server, text, "docs-a").json()["meta_info"]
+    member = generate(server, text, "docs-b").json()["meta_info"]
+    outsider = generate(server, text, "acme").json()["meta_info"]
+    assert first["cached_tokens"] == 0 and member["cached_tokens"] > first["prompt_tokens"] // 2
+    assert outsider["cached_tokens"] == 0
+    # The shared cells count against the tenant whose request wrote them; docs-b's own share is its question tail.
+    state = tenants_state(server)
+    assert state["docs-a"]["cells_held"] > state["docs-b"]["cells_held"] >= 0
+
+
+def flood(server: str, tenant: str, requests_: int = 8) -> tuple[list[requests.Response], list[dict]]:
+    """``requests_`` concurrent requests of ``tenant`` (~86 tokens worst case each); its figures sampled every 50 ms."""
     samples, stop = [], threading.Event()
 
     def sample():
         while not stop.is_set():
-            samples.append(tenants_state(server)["small"])
+            samples.append(tenants_state(server)[tenant])
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            outs = list(pool.map(lambda i: generate(server, prompt(f"flood-{i}"), "small", 16), range(8)))
+        with ThreadPoolExecutor(max_workers=requests_) as pool:
+            outs = list(pool.map(lambda i: generate(server, prompt(f"{tenant}-flood-{i}"), tenant, 16), range(requests_)))
     finally:
         stop.set()
         sampler.join()
+    return outs, samples
+
+
+def test_a_flooding_tenant_queues_within_its_budget(server):
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    outs, samples = flood(server, "small")
     assert all(out.status_code == 200 for out in outs)
     assert all(s["budget_cells"] == budget for s in samples)
     assert max(s["cells_held"] for s in samples) <= budget, "held cells exceeded the budget"
     assert max(s["cells_held"] for s in samples) > 0 and len(samples) > 5
     assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
+
+
+def test_a_tenant_with_a_threshold_range_tightens_before_queueing_and_relaxes_after(server):
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    outs, samples = flood(server, "tight")
+    assert all(out.status_code == 200 for out in outs)
+    assert max(s["cells_held"] for s in samples) <= budget, "held cells exceeded the budget"
+    state = tenants_state(server)["tight"]
+    # Head 1 scores exactly 1.0: the lowest τ that frees any of it is the float just above 1.0, within [0.5, 1.5].
+    assert state["tightenings"] > 0 and state["entries_pruned_tightening"] > 0
+    assert 1.0 < max(s["threshold"] for s in samples) <= 1.5 and state["threshold_base"] == 0.5
+    # Re-judged entries: more than head 0 alone (1/3 of the out-of-window entries) went.
+    plain = generate(server, prompt("plain-check"), "small").json()["meta_info"]["kvzap"]["removed_fraction"]
+    assert state["removed_fraction"] > plain
+    # Nothing of tight's waits any more: the next admission round (any tenant's request) brings τ back to its base.
+    generate(server, prompt("relax"), "acme")
+    assert tenants_state(server)["tight"]["threshold"] == 0.5
 
 
 def test_a_tenants_tau_set_through_the_service_applies_live_to_that_tenant_only(server, service):
@@ -149,6 +199,15 @@ def test_a_tenants_tau_set_through_the_service_applies_live_to_that_tenant_only(
     assert generate(server, prompt("after-change"), "acme").json()["meta_info"]["kvzap"]["removed_fraction"] == 0.0
     state = tenants_state(server)
     assert state["default"]["threshold"] == 0.5 and state["small"]["threshold"] == 0.5
+
+
+def test_the_status_command_prints_every_tenants_row(server, capsys):
+    from kvzap_sglang.cli import main
+
+    assert main(["status", "--url", server]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b"}
+    assert rows["keep"][1:3] == ["-10.000", "-10.000"] and rows["small"][5] == str(SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN)
 
 
 def test_refused_identities_never_reach_the_scheduler(server):
