@@ -66,19 +66,20 @@ def release_window(original, req, tree_cache, *args, **kwargs):
 
 
 def admission(original, scheduler, running_batch, *args, **kwargs):
-    """Clear ``running_batch.batch_is_full`` once pruning has returned at least a token's worth of cells since the
-    mark was set.
+    """Reopen admission (clear ``running_batch.batch_is_full``) once pruning has made room for a waiting request,
+    then run SGLang's admission (with the tenants' budgets under ``--kvzap-tenants``).
 
     SGLang sets the mark when an admission fails for lack of memory and clears it only when a request finishes or
     is retracted (``scheduler.py``). With KVzap, forwards free cells of running requests, so a waiting request may
     fit long before anyone leaves; without this, measured capacity stopped at 7 requests with room for an 8th
-    (benchmarks/README.md, "Capacity"). A retry costs one pass of SGLang's own ``PrefillAdder``.
+    (benchmarks/README.md, "Capacity"). A retry costs one pass of SGLang's own ``PrefillAdder`` over the queue, so
+    it is tried only when cells came back since the mark was set and free + evictable memory covers the shortest
+    waiting prompt (a necessary condition; SGLang's adder still decides).
     """
     rt = runtime.current()
-    if rt is not None and running_batch.batch_is_full and rt.admission_closed_at_free_cells is not None:
-        if rt.store.free_cells() >= rt.admission_closed_at_free_cells + rt.store.config.entries_per_token:
-            running_batch.batch_is_full = False
-            rt.admissions_reopened += 1
+    if rt is not None and running_batch.batch_is_full and _room_for_a_waiting_request(rt, scheduler):
+        running_batch.batch_is_full = False
+        rt.admissions_reopened += 1
     was_full = running_batch.batch_is_full
     if rt is not None and rt.tenants is not None:
         plan = admit_within_budgets(original, scheduler, running_batch, *args, **kwargs)
@@ -87,3 +88,14 @@ def admission(original, scheduler, running_batch, *args, **kwargs):
     if rt is not None and not was_full and plan.running_batch.batch_is_full:
         rt.admission_closed_at_free_cells = rt.store.free_cells()
     return plan
+
+
+def _room_for_a_waiting_request(rt: runtime.KvzapRuntime, scheduler) -> bool:
+    closed_at = rt.admission_closed_at_free_cells
+    free = rt.store.free_cells()
+    if closed_at is None or free < closed_at + rt.store.config.entries_per_token or not scheduler.waiting_queue:
+        return False
+    tree = scheduler.tree_cache
+    evictable = tree.evictable_size() if tree is not None and not getattr(tree, "disable", True) else 0
+    shortest = min(len(req.origin_input_ids) for req in scheduler.waiting_queue)
+    return free // rt.store.config.entries_per_token + evictable >= shortest
