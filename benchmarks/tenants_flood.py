@@ -5,13 +5,14 @@ token-equivalents of cells). A sampler reads every tenant's held cells, queue an
 0.2 s all along. Each round runs three phases, in an order that rotates from round to round:
 
 * ``alone`` — ``big``'s ``--clients`` closed-loop clients send ``--requests`` requests, ``small`` is idle;
-* ``steady`` — the same, while ``small`` runs exactly as many closed-loop clients as its budget admits at once
-  (no ``small`` request ever waits for its budget);
+* ``steady`` — the same, while ``small`` runs as many closed-loop clients as its budget admits at once (measured
+  before the rounds: the mean of ``small``'s running requests over ``--probe-s`` seconds of flooding alone; pruned
+  requests hold less than their worst case, so a budget admits more of them than ``budget / worst case``);
 * ``flood`` — the same, while ``small`` floods with ``--flood-clients`` clients (most of them wait in its queue).
 
-``flood / steady`` is what ``small``'s *queueing* costs ``big``: both phases give ``small`` the same admitted share
-of the 2 CPU cores, so a ratio at 1 within the round-to-round spread means a queued burst does not slow the other
-tenant. ``steady / alone`` is the compute ``small``'s admitted requests take on a CPU, which the budget bounds.
+``flood / steady`` is what ``small``'s *queueing* costs ``big``: both phases give ``small`` about the same number of
+running requests (reported per phase), so a ratio at 1 within the round-to-round spread means a queued burst does
+not slow the other tenant. ``steady / alone`` is the compute ``small``'s admitted requests take on a CPU, which the budget bounds.
 Also reported: the largest held/budget ratio of each tenant over all samples (must stay <= 1) and the requests each
 tenant finished in every phase (both make progress). ``--small-range LO HI`` gives ``small`` the
 tighten-before-queueing policy (``threshold_range``): its τ in use, removed fraction and finished requests show
@@ -81,9 +82,11 @@ def tenant_state(url: str) -> dict:
     return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]["tenants"]
 
 
-def run_phase(url: str, phase: str, small_clients: int, seed: int, args) -> dict:
-    """``big``'s fixed workload, with ``small`` idle, steady at its budget, or flooding."""
+def run_phase(url: str, phase: str, small_clients: int, seed: int, args, now: dict) -> dict:
+    """``big``'s fixed workload, with ``small`` idle, steady at its budget, or flooding (``now["phase"]`` tags the
+    sampler's samples)."""
     stop, background = threading.Event(), {}
+    now["phase"] = phase
     small = None
     if phase != "alone":
         clients = small_clients if phase == "steady" else args.flood_clients
@@ -92,6 +95,7 @@ def run_phase(url: str, phase: str, small_clients: int, seed: int, args) -> dict
         small.start()
         time.sleep(args.settle_s)  # small's requests are admitted (and, flooding, its queue fills) first
     latencies, wall = run_clients(url, "big", args.clients, args.requests, seed, args)
+    now["phase"] = None
     stop.set()
     if small is not None:
         small.join()
@@ -109,8 +113,25 @@ def write_tenants_file(args) -> Path:
     return path
 
 
+def probe_small_concurrency(url: str, args) -> float:
+    """Mean running requests of ``small`` flooding alone for ``--probe-s`` s (after its queue fills)."""
+    stop, seen = threading.Event(), []
+    flooder = threading.Thread(target=run_clients, args=(url, "small", args.flood_clients, 0, 99, args, stop))
+    flooder.start()
+    time.sleep(args.settle_s)
+    deadline = time.monotonic() + args.probe_s
+    while time.monotonic() < deadline:
+        seen.append(tenant_state(url)["small"]["running_requests"])
+        time.sleep(0.2)
+    stop.set()
+    flooder.join()
+    return statistics.mean(seen)
+
+
 def summarise(rounds: list[dict], samples: list[dict], small_clients: int, args) -> dict:
     by_phase = {p: [r for r in rounds if r["phase"] == p] for p in PHASES}
+    small_running = {p: statistics.mean([s["small"]["running_requests"] for s in samples if s["phase"] == p] or [0])
+                     for p in PHASES}  # fmt: skip
     per_round = {}
     for ratio, (num, den) in {"flood_over_steady": ("flood", "steady"), "steady_over_alone": ("steady", "alone"),
                               "flood_over_alone": ("flood", "alone")}.items():  # fmt: skip
@@ -133,6 +154,7 @@ def summarise(rounds: list[dict], samples: list[dict], small_clients: int, args)
         "ratios_per_round": per_round,
         "ratios_median": {k: statistics.median(v) for k, v in per_round.items() if v},
         "small_finished_median": {p: statistics.median(r["small_finished"] for r in by_phase[p]) for p in PHASES},
+        "small_running_mean": small_running,
     }
 
 
@@ -149,6 +171,7 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=120)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--settle-s", type=float, default=2.0)
+    parser.add_argument("--probe-s", type=float, default=20.0, help="how long small floods alone to size 'steady'")
     parser.add_argument("--small-range", type=float, nargs=2, metavar=("LO", "HI"),
                         help="small's threshold_range (tighten before queueing)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tenants_flood.json")
@@ -159,30 +182,32 @@ def main() -> None:
     flags = [*SERVER_FLAGS, "--max-total-tokens", "16384", "--kvzap-threshold", str(args.threshold),
              "--kvzap-surrogate", args.surrogate, "--kvzap-tenants", str(write_tenants_file(args))]  # fmt: skip
     with launched_server(resolve_model_path(args.model), flags) as url:
-        _, meta = request(url, "small", random.Random(0), args)  # warm-up; its size sizes the steady phase
+        _, meta = request(url, "small", random.Random(0), args)  # warm-up
         worst_case = meta["prompt_tokens"] + args.new_tokens
-        small_clients = max(1, args.budget_tokens // worst_case)
-        samples, sampling = [], threading.Event()
+        samples, sampling, now = [], threading.Event(), {"phase": "probe"}
 
         def sample() -> None:
             while not sampling.is_set():
                 state = tenant_state(url)
-                samples.append({name: state[name] for name in ("big", "small")})
+                samples.append({"phase": now["phase"], **{name: state[name] for name in ("big", "small")}})
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        probed = probe_small_concurrency(url, args)
+        small_clients = max(1, round(probed))
         rounds = []
         for index in range(args.rounds):
             order = PHASES[index % 3 :] + PHASES[: index % 3]
             for phase in order:
-                result = run_phase(url, phase, small_clients, seed=10 * index + PHASES.index(phase), args=args)
+                result = run_phase(url, phase, small_clients, seed=10 * index + PHASES.index(phase), args=args, now=now)
                 rounds.append({"round": index, **result})
                 print(json.dumps(rounds[-1]), flush=True)
         sampling.set()
         sampler.join()
     result = summarise(rounds, samples, small_clients, args)
     result["worst_case_tokens_per_request"] = worst_case
+    result["small_running_probed"] = probed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("rounds", "final")}, indent=2))

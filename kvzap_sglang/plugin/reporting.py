@@ -138,6 +138,7 @@ class _Metrics:
                 "cells_held": "KV cells held by the tenant's live requests and cached prefixes",
                 "budget_cells": "The tenant's KV budget in cells (-1: none)",
                 "queued_requests": "The tenant's requests waiting for admission",
+                "running_requests": "The tenant's requests admitted and not finished",
                 "threshold": "The tenant's τ in use",
                 "threshold_base": "The tenant's τ when it is not tightening before queueing",
                 "tightenings": "Times the tenant's τ was raised before queueing (threshold_range)",

@@ -62,6 +62,7 @@ class TenantTable:
     entries_reserved: list[int] = field(default_factory=list)
     entries_pruned: list[int] = field(default_factory=list)
     queued: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)  # the tenant's requests admitted and not finished
     held_back: list[int] = field(default_factory=list)  # admission rounds a request waited for its budget
     tightenings: list[int] = field(default_factory=list)  # times τ was raised before queueing
     entries_pruned_tightening: list[int] = field(default_factory=list)  # cells freed by those raises
@@ -80,7 +81,7 @@ class TenantTable:
                           for s in specs.values()],  # fmt: skip
             row_tenant=torch.zeros(num_rows, dtype=torch.int64, device=device),
             base_thresholds=base, ranges=[s.threshold_range for s in specs.values()],
-            entries_reserved=[0] * n, entries_pruned=[0] * n, queued=[0] * n, held_back=[0] * n,
+            entries_reserved=[0] * n, entries_pruned=[0] * n, queued=[0] * n, running=[0] * n, held_back=[0] * n,
             tightenings=[0] * n, entries_pruned_tightening=[0] * n,
         )  # fmt: skip
 
@@ -145,11 +146,17 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
         for req in batch.reqs:
             if req.kv.req_pool_idx is not None:
                 table.row_tenant[req.kv.req_pool_idx] = table.index_of_request(req)
-    counts = [0] * len(table.names)
-    for req in scheduler.waiting_queue:
-        counts[table.index_of_request(req)] += 1
-    table.queued = counts
+    table.queued = _count_by_tenant(table, scheduler.waiting_queue)
+    admitted = list(getattr(plan.running_batch, "reqs", [])) + (list(batch.reqs) if batch is not None else [])
+    table.running = _count_by_tenant(table, {id(req): req for req in admitted}.values())
     return plan
+
+
+def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
+    counts = [0] * len(table.names)
+    for req in reqs:
+        counts[table.index_of_request(req)] += 1
+    return counts
 
 
 def _hold_back(scheduler, rt, table: TenantTable) -> list:
@@ -299,6 +306,7 @@ def snapshot(table: TenantTable, store) -> dict:
             "budget_cells": table.budget_cells[t],
             "cells_held": store.tenant.cells[t],
             "queued_requests": table.queued[t],
+            "running_requests": table.running[t],
             "held_back_rounds": table.held_back[t],
             "entries_reserved": reserved,
             "entries_pruned": table.entries_pruned[t],

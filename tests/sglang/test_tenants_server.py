@@ -167,6 +167,7 @@ def test_a_flooding_tenant_queues_within_its_budget(server):
     assert all(s["budget_cells"] == budget for s in samples)
     assert max(s["cells_held"] for s in samples) <= budget, "held cells exceeded the budget"
     assert max(s["cells_held"] for s in samples) > 0 and len(samples) > 5
+    assert max(s["running_requests"] for s in samples) >= 1 and max(s["queued_requests"] for s in samples) >= 1
     assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
 
 
