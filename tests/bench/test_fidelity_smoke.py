@@ -142,6 +142,23 @@ def test_readme_section_is_replaced_without_touching_other_sections(tmp_path):
     assert text.count("<!-- fidelity:begin -->") == 1
 
 
+def test_claim_lines_leave_out_tasks_the_full_cache_fails_and_flag_losses():
+    def row(method, setting, task, accuracy, removed, samples=3):
+        return {"method": method, "setting": setting, "task": task, "length": 2048, "samples": samples,
+                "accuracy": accuracy, "removed_fraction": removed}  # fmt: skip
+
+    summary = [row("full", "full", "niah_single", 100.0, 0.0), row("full", "full", "niah_multikey", 0.0, 0.0),
+               row("full", "full", "niah_multivalue", 75.0, 0.0),
+               row("kvzap_mlp", "tau=-1.900", "niah_single", 66.67, 0.7), row("kvzap_mlp", "tau=-1.900", "niah_multikey", 0.0, 0.7),
+               row("kvzap_mlp", "tau=-1.900", "niah_multivalue", 75.0, 0.7),
+               row("kvzap_mlp", "tau=-4.100", "niah_single", 100.0, 0.5), row("kvzap_mlp", "tau=-4.100", "niah_multivalue", 75.0, 0.5)]  # fmt: skip
+    text = "\n".join(fidelity.claim_lines(summary))
+    assert "niah_multikey scores 0 even with the full cache" in text
+    assert "Retrieval = mean of niah_single, niah_multivalue: 87.5" in text and "16.7 pt" in text
+    assert "kvzap_mlp tau=-1.900: 70 % removed, retrieval 87.5 → 70.8 (loss 16.7 pt" in text and "OUTSIDE" in text
+    assert "tau=-4.100" not in text  # below 60 % removed
+
+
 # --- the masked reference path (real model) ----------------------------------------------------------------
 
 
@@ -203,3 +220,11 @@ def test_smoke_run_writes_results_and_full_cache_scores_what_the_model_answers(t
     mtimes = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json"))
     assert fidelity.main(argv) == 0
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")) == mtimes
+    # --cached-only reports the cached part of a larger grid and computes nothing
+    more_seeds = [*argv[: argv.index("--seeds") + 1], "0", "1", *argv[argv.index("--seeds") + 2 :], "--cached-only"]
+    assert fidelity.main(more_seeds) == 0
+    report = json.loads((tmp_path / "fidelity.json").read_text())
+    assert {r["seed"] for r in report["records"]} == {0} and report["meta"]["seeds_per_length"] == {str(SHORT): [0]}
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")) == mtimes
+    assert f"### {SHORT} tokens (1 sample per task and point: seeds 0)" in (tmp_path / "README.md").read_text()
+    assert fidelity.main([*more_seeds[: more_seeds.index("--seeds") + 1], "5", *more_seeds[more_seeds.index("--seeds") + 3 :]]) == 2
