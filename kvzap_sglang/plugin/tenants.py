@@ -4,14 +4,15 @@ per-tenant KV budgets at admission, per-tenant figures.
 * **Identity** (main process) — ``TenantMiddleware`` on SGLang's FastAPI app resolves the tenant of every
   ``POST /generate``, ``/v1/completions`` and ``/v1/chat/completions`` (``TenantsConfig.resolve``: API key or
   ``X-KVzap-Tenant``; 401/403 with a reason when refused) and writes it into the request's ``extra_key`` (SGLang's
-  radix-cache namespace), so a tenant's cached prefixes are never served to another and the scheduler knows whose
-  request it runs. A body that sets a tenant namespace itself is refused (403).
+  radix-cache namespace), so a tenant's cached prefixes are not served to another (unless both name the same
+  ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the scheduler knows whose request it
+  runs. A body that sets a tenant namespace itself is refused (403).
 * **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
   and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The
   calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
-* **Budgets** (scheduler) — in ``hooks.admission``, AROUND ``Scheduler.get_new_batch_prefill``: a waiting request whose tenant's held cells
-  (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its running requests may still
-  need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would exceed the budget stays queued
+* **Budgets** (scheduler) — in ``hooks.admission``, AROUND ``Scheduler.get_new_batch_prefill``: a waiting request
+  whose tenant's held cells (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its
+  running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would exceed the budget stays queued
   for this round, after the tenant's own evictable cached prefixes have been evicted to make room; the other
   tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. A request
   larger than its tenant's whole budget is admitted alone once the tenant holds nothing.
