@@ -382,7 +382,7 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
     cpu = names[0] if names else (platform.processor() or "unknown CPU")
-    return f"{cpu} ({len(names) or '?'} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu} ({len(names) or '?'} cores), {torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}"
 
 
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")
@@ -445,10 +445,13 @@ def claim_lines(summary: list[dict]) -> list[str]:
         full = {r["task"]: r for r in summary if (r["method"], r["length"]) == ("full", length)}
         if not full:
             continue
-        samples = max(r["samples"] for r in full.values())
+        counts = {t: r["samples"] for t, r in full.items()}
+        samples = max(counts.values())
+        fewer = {t: n for t, n in counts.items() if n < samples}
         informative = [t for t in RETRIEVAL_TASKS if t in full and full[t]["accuracy"] > 0]
         blind = [t for t in full if full[t]["accuracy"] == 0]
-        head = (f"- **{length} tokens**, {samples} sample{'s' if samples > 1 else ''} per task and point; full cache: "
+        fewer_text = f" ({', '.join(f'{t}: {n}' for t, n in fewer.items())})" if fewer else ""
+        head = (f"- **{length} tokens**, {samples} sample{'s' if samples > 1 else ''} per task and point{fewer_text}; full cache: "
                 + ", ".join(f"{t} {r['accuracy']:.0f}" for t, r in full.items()))  # fmt: skip
         if blind:
             head += (f". {' and '.join(blind)} score{'s' if len(blind) == 1 else ''} 0 even with the full cache, so "
@@ -457,10 +460,11 @@ def claim_lines(summary: list[dict]) -> list[str]:
             lines.append(head + "; no retrieval task is informative at this length.")
             continue
         full_mean = sum(full[t]["accuracy"] for t in informative) / len(informative)
-        one_answer = 100 / (samples * len(informative))
-        resolutions.append(one_answer)
+        steps = sorted({100 / (counts[t] * len(informative)) for t in informative})
+        resolutions += steps
+        step_text = f"{steps[0]:.1f}" if len(steps) == 1 else f"{steps[0]:.1f}–{steps[-1]:.1f}"
         head += (f". Retrieval = mean of {', '.join(informative)}: {full_mean:.1f} with the full cache; one sample "
-                 f"turning from right to wrong moves it by {one_answer:.1f} pt.")  # fmt: skip
+                 f"turning from right to wrong moves it by {step_text} pt.")  # fmt: skip
         lines.append(head)
         reached = False
         for method in (*baselines.THRESHOLD_METHODS, "oracle"):
@@ -479,7 +483,7 @@ def claim_lines(summary: list[dict]) -> list[str]:
                 verdict = "within" if loss <= 2.0 else "OUTSIDE"
                 kind = " (the oracle, for reference)" if method == "oracle" else ""
                 lines.append(f"  - {method} {setting}{kind}: {100 * removed:.0f} % removed, retrieval {full_mean:.1f} → "
-                             f"{mean:.1f} ({'loss' if loss > 0 else 'gain'} {abs(loss):.1f} pt; {tasks}): {verdict} the 2 pt bound")  # fmt: skip
+                             f"{mean:.1f} ({_change(loss)}; {tasks}): {verdict} the 2 pt bound")  # fmt: skip
         if not reached:
             lines.append("  - no KVzap setting removed ≥ 60 % at this length.")
     if resolutions:
@@ -488,6 +492,12 @@ def claim_lines(summary: list[dict]) -> list[str]:
                      "\"within\" only means that no answer was lost on balance against the full cache, \"OUTSIDE\" "
                      "that at least one was; neither is a test of the claim at the paper's precision.")  # fmt: skip
     return lines
+
+
+def _change(loss: float) -> str:
+    if abs(loss) < 0.05:
+        return "no change"
+    return f"{'loss' if loss > 0 else 'gain'} {abs(loss):.1f} pt"
 
 
 def _settings_in_order(summary: list[dict]) -> list[tuple[str, str]]:
@@ -543,7 +553,9 @@ def write_outputs(
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     for task in config.tasks:
-        plot_task([row for row in summary if row["task"] == task], task, config.out / f"fidelity_{task}.png")
+        rows = [row for row in summary if row["task"] == task]
+        if rows:  # a task with nothing cached (--cached-only) gets no empty plot
+            plot_task(rows, task, config.out / f"fidelity_{task}.png")
     if config.readme is not None:
         replace_section(config.readme, SECTION, fidelity_markdown(meta, summary))
     return report
