@@ -97,10 +97,7 @@ class TenantSpec(BaseModel):
 
     def clamp_threshold(self, tau: float) -> float:
         """``tau`` kept inside ``threshold_range`` (unchanged without one)."""
-        if self.threshold_range is None:
-            return tau
-        low, high = self.threshold_range
-        return min(max(tau, low), high)
+        return clamp_to_range(tau, self.threshold_range)
 
 
 class TenantsConfig(BaseModel):
@@ -168,6 +165,14 @@ class TenantsConfig(BaseModel):
         if claimed and claimed not in specs:
             return DEFAULT_TENANT
         return claimed or DEFAULT_TENANT
+
+
+def clamp_to_range(tau: float, threshold_range: tuple[float, float] | None) -> float:
+    """``tau`` kept inside ``[min, max]`` of a tenant's ``threshold_range`` (unchanged for ``None``)."""
+    if threshold_range is None:
+        return tau
+    low, high = threshold_range
+    return min(max(tau, low), high)
 
 
 def extra_key_for(tenant: str, client_extra_key: str | None = None) -> str:

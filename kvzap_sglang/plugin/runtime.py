@@ -66,7 +66,7 @@ class KvzapRuntime:
     # Highest τ any slot was decided at: a request whose τ is not below it can reuse any cached entry (radix_cache).
     highest_decided_tau: float = float("-inf")
     tenants: TenantTable | None = None  # multi-tenant serving (--kvzap-tenants)
-    # Free cells when SGLang last closed admission (batch_is_full); hooks.reopen_admission compares against it.
+    # Free cells when SGLang last closed admission (batch_is_full); hooks.admission compares against it.
     admission_closed_at_free_cells: int | None = None
     admissions_reopened: int = 0
 

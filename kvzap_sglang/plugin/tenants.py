@@ -12,10 +12,11 @@ per-tenant KV budgets at admission, per-tenant figures.
   calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
 * **Budgets** (scheduler) — in ``hooks.admission``, AROUND ``Scheduler.get_new_batch_prefill``: a waiting request
   whose tenant's held cells (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its
-  running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would exceed the budget stays queued
-  for this round, after the tenant's own evictable cached prefixes have been evicted to make room; the other
-  tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. A request
-  larger than its tenant's whole budget is admitted alone once the tenant holds nothing.
+  running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would
+  exceed the budget stays queued for this round, after the tenant's own evictable cached prefixes have been
+  evicted to make room; the other tenants' requests are admitted as usual, so one tenant's burst never blocks
+  another's admission. A request larger than its tenant's whole budget is admitted alone once the tenant holds
+  nothing.
 * **Tighten before queueing** (optional, ``threshold_range = [τ_min, τ_max]``) — before such a request is held back,
   the tenant's τ rises to the lowest value up to τ_max at which judging its decided entries again frees the cells
   the request lacks (``storage.retighten``: scores are kept, so nothing is rescored); it stays there for the
@@ -36,6 +37,7 @@ from kvzap_sglang.tenants import (
     EXTRA_KEY_PREFIX,
     TenantAuthError,
     TenantsConfig,
+    clamp_to_range,
     extra_key_for,
     tenant_of_extra_key,
 )
@@ -103,8 +105,7 @@ class TenantTable:
     def set_base_threshold(self, t: int, tau: float) -> None:
         """A new τ for tenant ``t`` (calibration service, flag): kept inside its range; a τ tightened above it
         stays until the tenant's queue empties (``relax``)."""
-        low_high = self.ranges[t]
-        base = tau if low_high is None else min(max(tau, low_high[0]), low_high[1])
+        base = clamp_to_range(tau, self.ranges[t])
         tightened = self.thresholds[t] > self.base_thresholds[t]
         self.base_thresholds[t] = base
         self.thresholds[t] = max(base, self.thresholds[t]) if tightened else base
