@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads (1 on a loaded machine: with 2, each op waits for a descheduled thread)")
     parser.add_argument("--cached-only", action="store_true",
                         help="report only (task, length, seed) samples whose every setting is already cached")
+    parser.add_argument("--restore", type=Path, metavar="FIDELITY_JSON",
+                        help="first seed the cache from an earlier run's fidelity.json (the cache is git-ignored, the "
+                        "JSON is committed); KVzap records of another surrogate checkpoint are not restored")  # fmt: skip
     parser.add_argument("--note", default="", help="free text added to the README section (e.g. surrogate provenance)")
     parser.add_argument("--checkpoints", type=Path, help="folder with linear/ and mlp/ surrogates (default: bundled)")
     parser.add_argument("--backend", choices=("reference", "server"), default="reference",
@@ -124,6 +127,7 @@ class RunConfig:
     checkpoints: Path | None = None
     cached_only: bool = False
     threads: int = 2
+    restore: Path | None = None
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -142,6 +146,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         checkpoints=args.checkpoints,
         cached_only=args.cached_only,
         threads=args.threads,
+        restore=args.restore,
     )
     _validate(config)
     return config
@@ -162,6 +167,8 @@ def _validate(config: RunConfig) -> None:
         raise UsageError(f"threads must be >= 1, got {config.threads}")
     if config.window < 0:
         raise UsageError(f"window must be >= 0, got {config.window}")
+    if config.restore is not None and not config.restore.is_file():
+        raise UsageError(f"--restore: no such file {config.restore}")
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -329,6 +336,9 @@ def run(config: RunConfig) -> tuple[list[Record], dict]:
 
     runner = ReferenceRunner(config)
     settings = runner.settings()
+    if config.restore is not None:
+        restored = restore_cache(config.restore, config.out, runner.surrogate_ids)
+        print(f"restored {restored} cached results from {config.restore}", file=sys.stderr)
     jobs = [(task, length, seed) for length in config.lengths for task in config.tasks for seed in config.seeds]
     records: list[Record] = []
     skipped = []
@@ -354,6 +364,34 @@ def run(config: RunConfig) -> tuple[list[Record], dict]:
         for m in runner.surrogates
     }
     return records, surrogates
+
+
+def restore_cache(report_path: Path, out: Path, surrogate_ids: dict[str, str]) -> int:
+    """Write cache files for the records of an earlier ``fidelity.json``; existing files win. Returns how many.
+
+    A KVzap record is restored only if the report names the same surrogate checkpoint (``sha256_10``) as this
+    run: the cache key carries the checkpoint, so results of other weights must never come back under it.
+    """
+    try:
+        report = json.loads(report_path.read_text())
+        records = [Record(**row) for row in report["records"]]
+        report_ids = {m: info["sha256_10"] for m, info in report["meta"].get("surrogates", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--restore: {report_path} is not a fidelity.json report ({error})") from error
+    restored = 0
+    for record in records:
+        checkpoint_id = ""
+        if record.method in baselines.THRESHOLD_METHODS:
+            checkpoint_id = surrogate_ids.get(record.method, "")
+            if not checkpoint_id or report_ids.get(record.method) != checkpoint_id:
+                continue
+        path = cache_path(out, Setting(record.method, record.value), record.task, record.length, record.seed, checkpoint_id)
+        if path.is_file() or Setting(record.method, record.value).label != record.setting:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(record), indent=1) + "\n")
+        restored += 1
+    return restored
 
 
 # --- reporting ---------------------------------------------------------------------------------------------

@@ -68,8 +68,7 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
     HookRegistry.register(f"{configurator}._build_token_to_kv_pool_allocator", hooks.build_allocator, HookType.AROUND)
     for target in hooks.ATTENTION_MODULES:
         HookRegistry.register(target, hooks.score_after_attention, HookType.AROUND)
-    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", reporting.record_release, HookType.AROUND)
-    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", hooks.release_window, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", hooks.release, HookType.AROUND)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer",
         reporting.KvzapOutputStreamer,

@@ -7,8 +7,9 @@
   the cell pool.
 * ``score_after_attention`` — AROUND ``{Llama,Qwen2,Qwen3}Attention.forward``: after the layer's attention (this
   forward's K/V are in the cells), score the layer's post-norm inputs and prune window exits.
-* ``release_window`` — AROUND ``release_kv_cache``: a request that gives its row back (finished, aborted,
-  retracted) stops protecting the slots of its window.
+* ``release`` — AROUND ``release_kv_cache``: a request that gives its row back (finished, aborted, retracted)
+  has its cell figures recorded for ``meta_info`` (``reporting.record_release``), then stops protecting the slots
+  of its window. One hook for both: SGLang warns about several AROUND hooks on one target.
 * ``admission`` — AROUND ``Scheduler.get_new_batch_prefill``: SGLang closes admission after a failed try until a
   request leaves; pruning frees cells without any request leaving, so KVzap reopens it when cells came back. With
   ``--kvzap-tenants`` it then applies the tenants' KV budgets (``tenants.admit_within_budgets``).
@@ -16,7 +17,7 @@
 
 from __future__ import annotations
 
-from kvzap_sglang.plugin import runtime
+from kvzap_sglang.plugin import reporting, runtime
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
 from kvzap_sglang.plugin.settings import KVzapSettings
 from kvzap_sglang.plugin.tenants import admit_within_budgets
@@ -57,10 +58,11 @@ def score_after_attention(original, self, positions=None, hidden_states=None, fo
     return out
 
 
-def release_window(original, req, tree_cache, *args, **kwargs):
+def release(original, req, tree_cache, *args, **kwargs):
     rt = runtime.current()
     kv = getattr(req, "kv", None)
     if rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None:
+        reporting.record_release(rt, req, tree_cache)  # first: figures of the cells as the request held them
         rt.release_row(kv.req_pool_idx, tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx])
     return original(req, tree_cache, *args, **kwargs)
 

@@ -2,8 +2,9 @@
 
 Path of the per-request figures (all SGLang extension points, no fork):
 
-1. ``release_kv_cache`` (scheduler, AROUND hook) — the request's slots still hold their cells: count them
-   (``cells_held``) against the full count ``tokens × layers × kv_heads`` and keep the figures by request id;
+1. ``release_kv_cache`` (scheduler, AROUND hook ``hooks.release``) — the request's slots still hold their cells:
+   count them (``cells_held``) against the full count ``tokens × layers × kv_heads`` and keep the figures by
+   request id;
 2. ``KvzapOutputStreamer`` (the scheduler's ``SchedulerOutputStreamer`` with ``has_additional_customized_info``) —
    attaches them to the request's final output as customized info ``"kvzap"``;
 3. ``TokenizerManager.update_request_meta_info`` (main process, AROUND hook) — SGLang accumulates customized info
@@ -28,12 +29,9 @@ _MAX_PENDING = 65536  # figures of requests whose output was never streamed (sho
 _pending: OrderedDict[str, dict] = OrderedDict()
 
 
-def record_release(original, req, tree_cache, *args, **kwargs):
-    """AROUND ``release_kv_cache(req, tree_cache, *, checkpoint)``: the request's cell figures before its slots go."""
-    rt = runtime.current()
-    kv = getattr(req, "kv", None)
-    if rt is None or kv is None or not kv.holds_kv or kv.req_pool_idx is None:
-        return original(req, tree_cache, *args, **kwargs)
+def record_release(rt: runtime.KvzapRuntime, req, tree_cache) -> None:
+    """Called by ``hooks.release`` before ``release_kv_cache`` runs: the request's cell figures before its slots go."""
+    kv = req.kv
     tokens = int(kv.kv_allocated_len)
     slots = tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx, :tokens]
     held = int(rt.store.cells_held(slots).sum()) if tokens else 0
@@ -49,7 +47,6 @@ def record_release(original, req, tree_cache, *args, **kwargs):
         _pending.popitem(last=False)
     if req.finished():
         rt.totals.requests_finished += 1
-    return original(req, tree_cache, *args, **kwargs)
 
 
 class KvzapOutputStreamer(SchedulerOutputStreamer):

@@ -159,6 +159,36 @@ def test_claim_lines_leave_out_tasks_the_full_cache_fails_and_flag_losses():
     assert "tau=-4.100" not in text  # below 60 % removed
 
 
+def test_restore_seeds_the_cache_but_never_under_another_surrogate_checkpoint(tmp_path):
+    def record(method, value):
+        setting = fidelity.Setting(method, value)
+        return fidelity.Record(method=method, setting=setting.label, value=value, task="niah_single", length=1024, seed=0,
+                               removed_fraction=0.5, score=1.0, prediction=" 1", answers=["1"], context_tokens=1030,
+                               question_tokens=39, answer_seconds=1.0)  # fmt: skip
+
+    rows = [record("full", None), record("kvzap_linear", -4.1), record("kvzap_mlp", -4.1), record("random", 0.5)]
+    report = tmp_path / "fidelity.json"
+    surrogates = {"kvzap_linear": {"sha256_10": "aaaa"}, "kvzap_mlp": {"sha256_10": "old"}}
+    report.write_text(json.dumps({"meta": {"surrogates": surrogates}, "records": [fidelity.asdict(r) for r in rows]}))
+    ids = {"kvzap_linear": "aaaa", "kvzap_mlp": "bbbb"}
+    out = tmp_path / "out"
+    existing = fidelity.cache_path(out, fidelity.Setting("random", 0.5), "niah_single", 1024, 0)
+    existing.parent.mkdir(parents=True)
+    existing.write_text("kept")
+
+    assert fidelity.restore_cache(report, out, ids) == 2  # full and linear; the MLP's weights differ, random exists
+    linear = fidelity.cache_path(out, fidelity.Setting("kvzap_linear", -4.1), "niah_single", 1024, 0, "aaaa")
+    assert fidelity.Record(**json.loads(linear.read_text())) == rows[1]
+    assert not fidelity.cache_path(out, fidelity.Setting("kvzap_mlp", -4.1), "niah_single", 1024, 0, "bbbb").exists()
+    assert existing.read_text() == "kept"
+    assert fidelity.restore_cache(report, out, ids) == 0  # idempotent
+
+    report.write_text("{not json")
+    with pytest.raises(fidelity.UsageError, match="not a fidelity.json report"):
+        fidelity.restore_cache(report, out, ids)
+    assert fidelity.main(["--restore", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+
+
 # --- the masked reference path (real model) ----------------------------------------------------------------
 
 
@@ -196,6 +226,21 @@ def _token_span(tokenizer, ids: list[int], text: str) -> slice:
 
 
 # --- end-to-end smoke run ----------------------------------------------------------------------------------
+
+
+def test_oracle_context_check_sees_the_clipped_queries_and_nothing_else(model, tokenizer, needle_case):
+    from benchmarks import oracle_context
+
+    context_ids = needle_case[1]
+    repeat = baselines.oracle_repeat_prompt(tokenizer, context_ids)
+    length = int(repeat.input_ids.numel())
+    copying = oracle_context.copy_accuracy(model, repeat.input_ids, repeat.copy, limit=length - 4)
+    assert copying["tokens_beyond"] == 4 and copying["accuracy_whole_copy"] > 0.5  # the model copies its context
+    assert oracle_context.copy_accuracy(model, repeat.input_ids, repeat.copy, limit=length) == {"tokens_beyond": 0}
+    unclipped = oracle_context.ranking_change(model, repeat, limit=length, window=16)
+    assert unclipped["scores_changed"] == 0 and unclipped["removed_differ_at_0.50"] == 0
+    clipped = oracle_context.ranking_change(model, repeat, limit=repeat.copy.start + 8, window=16)
+    assert clipped["scores_changed"] > 0.5 and clipped["removed_differ_at_0.50"] > 0  # 8 queries rank differently
 
 
 def test_smoke_run_writes_results_and_full_cache_scores_what_the_model_answers(tmp_path, tokenizer, needle_case):
