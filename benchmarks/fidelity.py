@@ -380,13 +380,14 @@ def restore_cache(report_path: Path, out: Path, surrogate_ids: dict[str, str]) -
         raise UsageError(f"--restore: {report_path} is not a fidelity.json report ({error})") from error
     restored = 0
     for record in records:
+        setting = Setting(record.method, record.value)
         checkpoint_id = ""
         if record.method in baselines.THRESHOLD_METHODS:
             checkpoint_id = surrogate_ids.get(record.method, "")
             if not checkpoint_id or report_ids.get(record.method) != checkpoint_id:
                 continue
-        path = cache_path(out, Setting(record.method, record.value), record.task, record.length, record.seed, checkpoint_id)
-        if path.is_file() or Setting(record.method, record.value).label != record.setting:
+        path = cache_path(out, setting, record.task, record.length, record.seed, checkpoint_id)
+        if setting.label != record.setting or path.is_file():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(record), indent=1) + "\n")
