@@ -166,12 +166,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     tenants = state.get("tenants") or {}
     if tenants:
         print(f"{'tenant':<16} {'τ':>7} {'τ base':>7} {'window':>6} {'cells held':>10} {'budget':>10} {'queued':>6} "
-              f"{'removed':>7}")  # fmt: skip
+              f"{'refused':>7} {'removed':>7}")  # fmt: skip
         for name, t in tenants.items():
             budget = "-" if t["budget_cells"] is None else str(t["budget_cells"])
             base = t.get("threshold_base", t["threshold"])
             print(f"{name:<16} {t['threshold']:>7.3f} {base:>7.3f} {t['window']:>6} {t['cells_held']:>10} {budget:>10} "
-                  f"{t['queued_requests']:>6} {t['removed_fraction']:>7.3f}")  # fmt: skip
+                  f"{t['queued_requests']:>6} {t.get('refused_requests', 0):>7} {t['removed_fraction']:>7.3f}")  # fmt: skip
     return 0
 
 

@@ -10,7 +10,8 @@ only in processes whose environment says KVzap is on (``settings.KVzapSettings.f
 Modules: ``settings`` (flags/env/validation), ``launch`` (CLI + Engine + fail-fast checks), ``cell_pool`` (KV pool
 and slot allocator on the cell store), ``runtime`` (per-process state, scoring + DMS decisions), ``hooks`` (pool
 builder and attention-layer seams), ``attention_backend`` (torch attention over cells), ``radix_cache`` (prefix
-sharing of pruned KV, radix-cache backend ``kvzap``), ``reporting`` (meta_info, /server_info, /metrics).
+sharing of pruned KV, radix-cache backend ``kvzap``), ``reporting`` (meta_info, /server_info, /metrics), ``seams``
+(a scheduler refuses to serve when SGLang did not apply one of KVzap's hooks).
 """
 
 from __future__ import annotations
@@ -27,18 +28,12 @@ def register() -> None:
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from kvzap_sglang.plugin import launch, reporting
+    from kvzap_sglang.plugin import launch
     from kvzap_sglang.plugin.settings import KVzapSettings
 
     if "kvzap_torch" not in ATTENTION_BACKEND_CHOICES:
         ATTENTION_BACKEND_CHOICES.append("kvzap_torch")  # add_attention_backend_choices; once per process
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", launch.add_cli_args, HookType.AROUND)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", launch.from_cli_args, HookType.AROUND)
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
-        reporting.unwrap_meta_info,
-        HookType.AROUND,
-    )
+    _register_startup_hooks(HookRegistry, HookType)
     # Imported here, not looked up: load_plugins() may run before the first Engine is built (then the Engine's own
     # load_plugins() call is a no-op and could not patch it any more).
     from sglang.srt.entrypoints import engine as engine_module
@@ -55,6 +50,19 @@ def register() -> None:
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)
+
+
+def _register_startup_hooks(HookRegistry, HookType) -> None:
+    """The start-up surface, in every process: ``--kvzap-*`` flags and the ``meta_info`` unwrapping."""
+    from kvzap_sglang.plugin import launch, reporting
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", launch.add_cli_args, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", launch.from_cli_args, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+        reporting.unwrap_meta_info,
+        HookType.AROUND,
+    )
 
 
 def _register_serving_hooks(HookRegistry, HookType) -> None:
@@ -79,6 +87,9 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
     )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", hooks.admission, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", hooks.cap_to_budget, HookType.AROUND
     )
     # KVzap on + CPU: the torch_native choice (required at launch) is served by the cell-store backend.
     register_attention_backend("kvzap_torch")(create_kvzap_torch_backend)

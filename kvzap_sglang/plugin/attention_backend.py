@@ -16,7 +16,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from torch.nn.functional import scaled_dot_product_attention
 
-from kvzap_sglang.plugin import runtime
+from kvzap_sglang.plugin import runtime, seams
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool
 from kvzap_sglang.storage import QueryLayout, attend, build_layout
 
@@ -116,4 +116,5 @@ class KvzapTorchAttnBackend(AttentionBackend):
 
 
 def create_kvzap_torch_backend(model_runner) -> KvzapTorchAttnBackend:
+    seams.verify_hooks_applied()  # every KVzap scheduler builds its backend before serving, whichever hooks failed
     return KvzapTorchAttnBackend(model_runner)

@@ -364,6 +364,11 @@ def register(HookRegistry, HookType) -> None:
         )
     if KVzapSettings.from_env() is None or CalibrationSettings.from_env() is None:
         return
+    register_serving_hooks(HookRegistry, HookType)
+
+
+def register_serving_hooks(HookRegistry, HookType) -> None:
+    """The scheduler-side sampler and τ watcher (processes where KVzap and a Redis URL are configured)."""
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
     HookRegistry.register(f"{configurator}._build_mha_kv_pool", start_after_pool_built, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", sample_before_release, HookType.BEFORE)

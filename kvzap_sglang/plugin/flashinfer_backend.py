@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from kvzap_sglang.plugin import seams
 from kvzap_sglang.plugin.attention_backend import KvzapTorchAttnBackend, create_kvzap_torch_backend
 from kvzap_sglang.storage import build_layout
 from kvzap_sglang.storage.flashinfer_attention import FlashInferCellAttention
@@ -77,6 +78,7 @@ class KvzapFlashInferAttnBackend(KvzapTorchAttnBackend):
 
 
 def create_kvzap_flashinfer_backend(model_runner) -> KvzapFlashInferAttnBackend:
+    seams.verify_hooks_applied()
     return KvzapFlashInferAttnBackend(model_runner)
 
 

@@ -139,6 +139,7 @@ class _Metrics:
                 "threshold": "The tenant's τ in use",
                 "threshold_base": "The tenant's τ when it is not tightening before queueing",
                 "tightenings": "Times the tenant's τ was raised before queueing (threshold_range)",
+                "refused_requests": "The tenant's requests refused because their prompt alone exceeds its budget",
                 "removed_fraction": "Entries pruned / entries written for the tenant since start-up",
             }
             self._tenant_gauges = {k: Gauge(f"kvzap_tenant_{k}", doc, ["tenant"], multiprocess_mode="mostrecent")

@@ -15,8 +15,12 @@ per-tenant KV budgets at admission, per-tenant figures.
   running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would
   exceed the budget stays queued for this round, after the tenant's own evictable cached prefixes have been
   evicted to make room; the other tenants' requests are admitted as usual, so one tenant's burst never blocks
-  another's admission. A request larger than its tenant's whole budget is admitted alone once the tenant holds
-  nothing.
+  another's admission.
+* **A tenant's budget is its pool** (``cap_to_budget``, AROUND ``Scheduler.init_req_max_new_tokens``) — as SGLang
+  clips ``max_new_tokens`` to what the whole pool can hold and refuses a prompt that cannot fit, a request of a
+  tenant with a budget has ``max_new_tokens`` clipped so that prompt + new tokens fit the budget (finish reason
+  ``length`` there), and a prompt of the budget's size or more is refused (HTTP 400 with the reason) at arrival. So
+  every request's worst case fits its tenant's budget, and budgets are hard limits.
 * **Tighten before queueing** (optional, ``threshold_range = [τ_min, τ_max]``) — before such a request is held back,
   the tenant's τ rises to the lowest value up to τ_max at which judging its decided entries again frees the cells
   the request lacks (``storage.retighten``: scores are kept, so nothing is rescored); it stays there for the
@@ -67,6 +71,7 @@ class TenantTable:
     queued: list[int] = field(default_factory=list)
     running: list[int] = field(default_factory=list)  # the tenant's requests admitted and not finished
     held_back: list[int] = field(default_factory=list)  # admission rounds a request waited for its budget
+    refused: list[int] = field(default_factory=list)  # requests whose prompt alone did not fit the budget
     tightenings: list[int] = field(default_factory=list)  # times τ was raised before queueing
     entries_pruned_tightening: list[int] = field(default_factory=list)  # cells freed by those raises
 
@@ -85,7 +90,7 @@ class TenantTable:
             row_tenant=torch.zeros(num_rows, dtype=torch.int64, device=device),
             base_thresholds=base, ranges=[s.threshold_range for s in specs.values()],
             entries_reserved=[0] * n, entries_pruned=[0] * n, queued=[0] * n, running=[0] * n, held_back=[0] * n,
-            tightenings=[0] * n, entries_pruned_tightening=[0] * n,
+            refused=[0] * n, tightenings=[0] * n, entries_pruned_tightening=[0] * n,
         )  # fmt: skip
 
     def index(self, name: str) -> int:
@@ -183,7 +188,8 @@ def _hold_back(scheduler, rt, table: TenantTable) -> list:
         budget = table.budget_cells[t]
         if budget is None:
             continue
-        need = (len(req.origin_input_ids) + len(req.output_ids) + _max_new_tokens(scheduler, req)) * per_token
+        # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
+        need = (len(req.origin_input_ids) + _max_new_tokens(scheduler, req)) * per_token
         if committed[t] + need > budget and scheduler.tree_cache is not None:
             evict = getattr(scheduler.tree_cache, "evict_tenant", None)
             if evict is not None:
@@ -192,6 +198,8 @@ def _hold_back(scheduler, rt, table: TenantTable) -> list:
             tightened.add(t)  # one re-judgement per tenant and round: it scans the tenant's decided slots
             committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget)
         fits = committed[t] + need <= budget
+        # cap_to_budget makes every request fit an empty budget; one that came in some other way (a path of a later
+        # SGLang that skips init_req_max_new_tokens) runs alone rather than waiting forever.
         alone = not busy[t] and rt.store.tenant.cells[t] == 0 and need > budget
         if fits or alone:
             committed[t] += need
@@ -200,6 +208,36 @@ def _hold_back(scheduler, rt, table: TenantTable) -> list:
             held_back.append(req)
             table.held_back[t] += 1
     return held_back
+
+
+def cap_to_budget(original, scheduler, req, *args, **kwargs):
+    """AROUND ``Scheduler.init_req_max_new_tokens``: after SGLang's own clipping to the pool, clip the request's
+    ``max_new_tokens`` to its tenant's budget, or refuse a prompt that leaves no room for one new token."""
+    from kvzap_sglang.plugin import runtime
+
+    result = original(scheduler, req, *args, **kwargs)
+    rt = runtime.current()
+    table = None if rt is None else rt.tenants
+    if table is None or req.finished_reason is not None:
+        return result
+    t = table.index_of_request(req)
+    budget_cells = table.budget_cells[t]
+    if budget_cells is None:
+        return result
+    budget = budget_cells // rt.store.config.entries_per_token
+    prompt = len(req.origin_input_ids)
+    params = req.sampling_params
+    if prompt >= budget:
+        table.refused[t] += 1
+        req.set_finish_with_abort(
+            f"Request prompt exceeds the KV budget of tenant {table.names[t]!r}: input_len={prompt}, "
+            f"kv_budget_tokens={budget} (the prompt and at least one new token must fit)"
+        )
+        params.max_new_tokens = 0
+    elif params.max_new_tokens is None or prompt + params.max_new_tokens > budget:
+        params.max_new_tokens = budget - prompt
+    params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
+    return result
 
 
 def _max_new_tokens(scheduler, req) -> int:
@@ -310,6 +348,7 @@ def snapshot(table: TenantTable, store) -> dict:
             "queued_requests": table.queued[t],
             "running_requests": table.running[t],
             "held_back_rounds": table.held_back[t],
+            "refused_requests": table.refused[t],
             "entries_reserved": reserved,
             "entries_pruned": table.entries_pruned[t],
             "removed_fraction": table.entries_pruned[t] / reserved if reserved else 0.0,
@@ -317,4 +356,7 @@ def snapshot(table: TenantTable, store) -> dict:
     return out
 
 
-__all__ = ["DEFAULT_TENANT", "TenantMiddleware", "TenantTable", "admit_within_budgets", "install_http_middleware"]
+__all__ = [
+    "DEFAULT_TENANT", "TenantMiddleware", "TenantTable", "admit_within_budgets", "cap_to_budget",
+    "install_http_middleware",
+]

@@ -7,6 +7,7 @@ no engine is left idle. KVzap settings travel to SGLang's spawned scheduler thro
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from contextlib import contextmanager
@@ -61,6 +62,9 @@ def running_engine(model_path: Path, **overrides):
             yield engine
         finally:
             engine.shutdown()
+            # sglang.Engine also registers shutdown() with atexit; run again at interpreter exit it logs to the
+            # streams pytest has closed by then ("--- Logging error ---" after the summary).
+            atexit.unregister(engine.shutdown)
 
 
 @contextmanager

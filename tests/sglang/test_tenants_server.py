@@ -93,6 +93,13 @@ def service(prefix):
         yield client
 
 
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path, local_files_only=True)
+
+
 def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -> requests.Response:
     headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
     body = {"text": text, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
@@ -169,6 +176,37 @@ def test_a_flooding_tenant_queues_within_its_budget(server):
     assert max(s["cells_held"] for s in samples) > 0 and len(samples) > 5
     assert max(s["running_requests"] for s in samples) >= 1 and max(s["queued_requests"] for s in samples) >= 1
     assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
+
+
+def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(server, tokenizer):
+    """A tenant's budget is its pool: as SGLang clips max_new_tokens to the pool and refuses a prompt it cannot hold,
+    a request of ``small`` gets at most budget - prompt new tokens, and a prompt of the budget's size is refused."""
+    before = tenants_state(server)["small"]["refused_requests"]
+    text = prompt("clip", fillers=11)
+    prompt_tokens = len(tokenizer(text)["input_ids"])
+    assert 120 < prompt_tokens < SMALL_BUDGET_TOKENS - 16
+    body = {"text": text, "sampling_params": {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}}
+    headers = {"Authorization": f"Bearer {KEYS['small']}"}
+    clipped = requests.post(f"{server}/generate", json=body, headers=headers, timeout=900)
+    assert clipped.status_code == 200, clipped.text
+    meta = clipped.json()["meta_info"]
+    assert meta["prompt_tokens"] == prompt_tokens
+    assert meta["completion_tokens"] == SMALL_BUDGET_TOKENS - prompt_tokens
+    assert meta["finish_reason"]["type"] == "length"
+
+    too_long = prompt("too-long", fillers=20)
+    assert len(tokenizer(too_long)["input_ids"]) >= SMALL_BUDGET_TOKENS
+    refused = generate(server, too_long, "small")
+    assert refused.status_code == 400
+    assert "exceeds the KV budget of tenant 'small'" in refused.text and "kv_budget_tokens=200" in refused.text
+    chat = requests.post(f"{server}/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": "default", "messages": [{"role": "user", "content": FILLER * 20}]})
+    assert chat.status_code == 400 and "exceeds the KV budget of tenant 'small'" in chat.json()["message"], chat.text
+    # Other tenants are untouched by small's budget, and the refusals left nothing behind.
+    assert generate(server, too_long, "acme").status_code == 200
+    state = tenants_state(server)
+    assert state["small"]["refused_requests"] == before + 2
+    assert state["small"]["queued_requests"] == 0 and state["small"]["running_requests"] == 0
 
 
 def test_a_tenant_with_a_threshold_range_tightens_before_queueing_and_relaxes_after(server):
