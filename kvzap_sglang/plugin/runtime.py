@@ -81,6 +81,8 @@ class KvzapRuntime:
         if config is not None and (self.tenants is None or self.tenants.row_tenant.numel() != num_rows):
             self.tenants = TenantTable.build(config, self.settings.threshold, self.settings.window,
                                              self.store.config.entries_per_token, num_rows, self.store.device)  # fmt: skip
+            for line in self.tenants.budget_warnings(self.store.config.num_cells, self.store.config.entries_per_token):
+                logger.warning(line)
 
     def begin_forward(self, view: BatchView) -> None:
         """Move the batch's windows; the slots that now lie outside every live window and are undecided are decided

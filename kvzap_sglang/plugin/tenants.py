@@ -93,6 +93,20 @@ class TenantTable:
             refused=[0] * n, tightenings=[0] * n, entries_pruned_tightening=[0] * n,
         )  # fmt: skip
 
+    def budget_warnings(self, pool_cells: int, cells_per_token: int) -> list[str]:
+        """What an operator should know about the budgets against the pool: a budget larger than the whole pool (the
+        pool is then the limit), and budgets that add up to more than the pool (each tenant stays within its own but
+        may wait for cells other tenants hold: a budget is a ceiling, not a reservation)."""
+        pool = pool_cells // cells_per_token
+        budgets = {name: b // cells_per_token for name, b in zip(self.names, self.budget_cells) if b is not None}
+        lines = [f"KVzap tenant {name!r}: kv_budget_tokens {tokens} is more than the whole KV pool ({pool} tokens), "
+                 f"which is then its limit" for name, tokens in budgets.items() if tokens > pool]  # fmt: skip
+        if len(budgets) > 1 and sum(budgets.values()) > pool:
+            lines.append(f"KVzap tenants: the KV budgets add up to {sum(budgets.values())} tokens, more than the pool's "
+                         f"{pool}: each tenant stays within its own budget, but its requests may wait for cells other "
+                         f"tenants hold (a budget is a ceiling, not a reservation)")  # fmt: skip
+        return lines
+
     def index(self, name: str) -> int:
         try:
             return self.names.index(name)

@@ -1,5 +1,6 @@
-"""The HTTP edge of multi-tenant serving: ``TenantMiddleware`` resolves the tenant and writes it into ``extra_key``
-(SGLang's radix-cache namespace); refused identities get 401/403 with a reason and never reach the server."""
+"""Multi-tenant serving without an engine. The HTTP edge: ``TenantMiddleware`` resolves the tenant and writes it
+into ``extra_key`` (SGLang's radix-cache namespace); refused identities get 401/403 with a reason and never reach
+the server. The scheduler's tenant table: what it reports about budgets against the pool."""
 
 from __future__ import annotations
 
@@ -67,3 +68,19 @@ def test_bad_json_is_a_400_and_other_paths_pass_untouched(client):
     response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "invalid JSON" in response.json()["error"]["message"]
     assert client.post("/flush_cache", headers={"X-KVzap-Tenant": "globex"}).json() == {"ok": True}
+
+
+def test_budgets_larger_than_the_pool_or_adding_up_past_it_are_reported():
+    import torch
+
+    from kvzap_sglang.plugin.tenants import TenantTable
+
+    per_token = 90
+    table = TenantTable.build(TenantsConfig.load(EXAMPLE), threshold=-4.3, window=128, cells_per_token=per_token,
+                              num_rows=4, device=torch.device("cpu"))  # fmt: skip
+    assert table.budget_warnings(20_000 * per_token, per_token) == []  # 2,048 + 8,192 + 4,096 fit
+    (added_up,) = table.budget_warnings(8_192 * per_token, per_token)
+    assert "add up to 14336 tokens, more than the pool's 8192" in added_up
+    too_big, added_up = table.budget_warnings(4_096 * per_token, per_token)
+    assert "'acme': kv_budget_tokens 8192 is more than the whole KV pool (4096 tokens)" in too_big
+    assert "add up to 14336" in added_up
