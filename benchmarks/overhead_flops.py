@@ -91,7 +91,7 @@ def load_surrogates(config):
 
 
 def measure(tokens: int, repeats: int) -> None:
-    from kvzap_sglang.hidden_states import AttentionInput, attention_input_hooks, run_decoder
+    from kvzap_sglang.hidden_states import attention_input_hooks, run_decoder
     from kvzap_sglang.prompts import make_prompt
     from kvzap_sglang.scoring import load_reference_model
 

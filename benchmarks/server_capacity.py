@@ -15,52 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-from kvzap_sglang.plugin.server_process import wait_until_healthy
+from kvzap_sglang.plugin.server_process import launched_server_with_log
 
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
              "--page-size", "1", "--mem-fraction-static", "0.3", "--skip-server-warmup", "--random-seed", "0",
              "--disable-radix-cache", "--host", "127.0.0.1"]  # fmt: skip
 RUNNING = re.compile(r"#running-req: (\d+)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def sglang_server(model_path: Path, flags: list[str], timeout_s: float = 600.0):
-    """Yields ``(url, log_path)`` of a CPU SGLang server; always terminated."""
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="sglang-bench-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *CPU_FLAGS,
-           "--port", str(port), *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(proc, url, log.name, timeout_s)
-        yield url, Path(log.name)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def kvzap_flags(threshold: float | None, surrogate: str, window: int) -> list[str]:
@@ -71,7 +37,7 @@ def kvzap_flags(threshold: float | None, surrogate: str, window: int) -> list[st
 
 def measure(model_path: Path, prompts: list[str], pool: int, max_new_tokens: int, extra: list[str]) -> dict:
     flags = ["--max-total-tokens", str(pool), "--decode-log-interval", "1", "--log-level", "info", *extra]
-    with sglang_server(model_path, flags) as (url, log_path):
+    with launched_server_with_log(model_path, [*CPU_FLAGS, *flags]) as (url, log_path):
         start_line = len(log_path.read_text().splitlines())
         results: list[dict] = [None] * len(prompts)
 

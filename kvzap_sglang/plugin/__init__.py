@@ -68,7 +68,7 @@ def _register_startup_hooks(HookRegistry, HookType) -> None:
 def _register_serving_hooks(HookRegistry, HookType) -> None:
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
-    from kvzap_sglang.plugin import hooks, reporting
+    from kvzap_sglang.plugin import hooks, reporting, tenants
     from kvzap_sglang.plugin.attention_backend import create_kvzap_torch_backend
 
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
@@ -89,7 +89,7 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
         "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", hooks.admission, HookType.AROUND
     )
     HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", hooks.cap_to_budget, HookType.AROUND
+        "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", tenants.cap_to_budget, HookType.AROUND
     )
     # KVzap on + CPU: the torch_native choice (required at launch) is served by the cell-store backend.
     register_attention_backend("kvzap_torch")(create_kvzap_torch_backend)

@@ -13,9 +13,9 @@
 * ``admission`` — AROUND ``Scheduler.get_new_batch_prefill``: SGLang closes admission after a failed try until a
   request leaves; pruning frees cells without any request leaving, so KVzap reopens it when cells came back. With
   ``--kvzap-tenants`` it then applies the tenants' KV budgets (``tenants.admit_within_budgets``).
-* ``cap_to_budget`` — AROUND ``Scheduler.init_req_max_new_tokens``: under ``--kvzap-tenants``, a request's
-  ``max_new_tokens`` is clipped to its tenant's budget and a prompt that cannot fit it is refused
-  (``tenants.cap_to_budget``), as SGLang does for the whole pool.
+* (in ``tenants``) ``cap_to_budget`` — AROUND ``Scheduler.init_req_max_new_tokens``: under ``--kvzap-tenants``, a
+  request's ``max_new_tokens`` is clipped to its tenant's budget and a prompt that cannot fit it is refused, as
+  SGLang does for the whole pool.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 from kvzap_sglang.plugin import reporting, runtime
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
 from kvzap_sglang.plugin.settings import KVzapSettings
-from kvzap_sglang.plugin.tenants import admit_within_budgets, cap_to_budget
+from kvzap_sglang.plugin.tenants import admit_within_budgets
 
 ATTENTION_MODULES = (
     "sglang.srt.models.llama.LlamaAttention.forward",

@@ -44,9 +44,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched_server(model_path: str | Path, flags: list[str], timeout_s: float = 600.0, keep_log: bool = False):
+def launched_server_with_log(model_path: str | Path, flags: list[str], timeout_s: float = 600.0,
+                             keep_log: bool = False):  # fmt: skip
     """``python -m sglang.launch_server --model-path MODEL FLAGS --port P`` as a child process (log in a temp file,
-    never a pipe: an unread pipe blocks the server); yields its base URL; always terminated (SIGTERM, then kill)."""
+    never a pipe: an unread pipe blocks the server); yields ``(base URL, log path)``; always terminated (SIGTERM,
+    then kill). The log is deleted afterwards unless ``keep_log``."""
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), *flags, "--port", str(port)]
     log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
@@ -54,7 +56,7 @@ def launched_server(model_path: str | Path, flags: list[str], timeout_s: float =
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(proc, url, log.name, timeout_s)
-        yield url
+        yield url, Path(log.name)
     finally:
         proc.terminate()
         try:
@@ -65,3 +67,10 @@ def launched_server(model_path: str | Path, flags: list[str], timeout_s: float =
         log.close()
         if not keep_log:
             os.unlink(log.name)
+
+
+@contextmanager
+def launched_server(model_path: str | Path, flags: list[str], timeout_s: float = 600.0, keep_log: bool = False):
+    """``launched_server_with_log`` yielding the base URL only."""
+    with launched_server_with_log(model_path, flags, timeout_s, keep_log) as (url, _log_path):
+        yield url
