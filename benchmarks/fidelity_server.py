@@ -36,7 +36,7 @@ import torch
 from benchmarks import baselines
 from benchmarks.tasks import TASKS, encode, make_sample, string_match_all
 from kvzap_sglang.policy import DEFAULT_WINDOW
-from kvzap_sglang.plugin.server_process import launched_server
+from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 SERVER_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
@@ -86,23 +86,14 @@ def server_generate(url: str, prompt_ids: list[int], max_new_tokens: int) -> dic
     return response.json()
 
 
-def kvzap_totals(url: str) -> dict:
-    """The server's KVzap totals (``/server_info`` → ``internal_states[0]["kvzap"]``)."""
-    import requests
-
-    response = requests.get(f"{url}/server_info", timeout=60)
-    response.raise_for_status()
-    return response.json()["internal_states"][0]["kvzap"]
-
-
 def prefill_cells(url: str, prompt_ids: list[int]) -> tuple[dict, int]:
     """``(meta_info["kvzap"], pool cells after prefill)`` of the prompt sent with ``max_new_tokens=1``.
 
     The server must be otherwise idle: the pool figure is the difference of server-wide counters.
     """
-    before = kvzap_totals(url)
+    before = kvzap_state(url)
     figures = server_generate(url, prompt_ids, 1)["meta_info"].get("kvzap", {})
-    after = kvzap_totals(url)
+    after = kvzap_state(url)
     reserved = after["entries_reserved"] - before["entries_reserved"]
     pruned = after["entries_pruned"] - before["entries_pruned"]
     return figures, reserved - pruned
@@ -163,7 +154,7 @@ def compare(args: argparse.Namespace) -> list[Comparison]:
                             prompt = context_ids + question_ids
                             at_prefill, pool_cells = prefill_cells(url, prompt)
                             out = server_generate(url, prompt, sample.max_new_tokens)
-                            in_use_after = kvzap_totals(url)["cells_in_use"]
+                            in_use_after = kvzap_state(url)["cells_in_use"]
                             server_ids = [t for t in out["output_ids"] if t not in stop]
                             figures = out["meta_info"].get("kvzap", {})
                             server_text = tokenizer.decode(server_ids, skip_special_tokens=True)

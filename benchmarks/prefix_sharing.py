@@ -25,7 +25,7 @@ import requests
 
 from benchmarks.tasks import make_shared_document, string_match_all
 from kvzap_sglang.models import resolve_model_path
-from kvzap_sglang.plugin.server_process import launched_server
+from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 SERVER_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
@@ -39,10 +39,6 @@ def generate(url: str, prompt_ids: list[int], max_new_tokens: int) -> dict:
     response = requests.post(f"{url}/generate", json=body, timeout=1800)
     response.raise_for_status()
     return response.json()
-
-
-def kvzap_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]
 
 
 def flush(url: str) -> None:

@@ -39,7 +39,7 @@ import requests
 
 from benchmarks.prefix_sharing import SERVER_FLAGS
 from kvzap_sglang.models import resolve_model_path
-from kvzap_sglang.plugin.server_process import launched_server
+from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 KEYS = {"big": "bench-big-key-1", "small": "bench-small-key-1"}
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
@@ -79,7 +79,7 @@ def run_clients(url: str, tenant: str, clients: int, count: int, seed: int, args
 
 
 def tenant_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]["tenants"]
+    return kvzap_state(url)["tenants"]
 
 
 def run_phase(url: str, phase: str, small_clients: int, seed: int, args, now: dict) -> dict:

@@ -146,16 +146,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """Server-wide and per-tenant KVzap figures of a running server (its ``/server_info``)."""
     import requests
 
+    from kvzap_sglang.plugin.server_process import kvzap_state
+
     try:
-        response = requests.get(f"{args.url.rstrip('/')}/server_info", timeout=args.timeout)
-        response.raise_for_status()
+        state = kvzap_state(args.url, timeout_s=args.timeout)
     except requests.RequestException as error:
         print(f"error: cannot read {args.url}/server_info: {error}", file=sys.stderr)
         return 1
-    states = response.json().get("internal_states") or [{}]
-    state = states[0].get("kvzap")
-    if state is None:
-        print(f"error: {args.url} does not run KVzap (no kvzap state in /server_info)", file=sys.stderr)
+    except LookupError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(state, indent=2))

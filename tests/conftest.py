@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
+from contextlib import contextmanager
 
 import pytest
 
 # Tests run on 2-core machines next to other processes: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the real Redis; scripts/test.sh (scripts/ensure-redis.sh) makes it answer
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +21,53 @@ def smollm2_path():
     from kvzap_sglang.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
+
+
+@contextmanager
+def _isolated_key_prefix():
+    """A fresh Redis key prefix; every key under it is deleted afterwards."""
+    from calibrator.series import connect
+
+    client = connect(REDIS_URL)
+    client.ping()  # fails loudly if Redis is not up: run scripts/ensure-redis.sh
+    name = f"kvzap-test-{uuid.uuid4().hex[:10]}:"
+    try:
+        yield name
+    finally:
+        keys = list(client.scan_iter(f"{name}*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+        client.close()
+
+
+@pytest.fixture
+def prefix():
+    """A Redis key prefix of this test's own, cleaned up after it."""
+    with _isolated_key_prefix() as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def module_prefix():
+    """A Redis key prefix shared by one module's tests (e.g. with one server), cleaned up after the module."""
+    with _isolated_key_prefix() as name:
+        yield name
+
+
+@pytest.fixture
+def redis_client():
+    from calibrator.series import connect
+
+    client = connect(REDIS_URL)
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def closed_port_url():
+    """A Redis URL nothing listens on: a real connection failure, no mock."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"

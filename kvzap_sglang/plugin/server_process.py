@@ -35,6 +35,28 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, log_path: str | Path, t
         time.sleep(1.0)
 
 
+def kvzap_state(url: str, timeout_s: float = 60.0) -> dict:
+    """A running server's KVzap figures (``/server_info`` → ``internal_states[0]["kvzap"]``).
+
+    Raises ``requests.RequestException`` when the server cannot be read, ``LookupError`` when it does not run KVzap.
+    """
+    response = requests.get(f"{url.rstrip('/')}/server_info", timeout=timeout_s)
+    response.raise_for_status()
+    states = response.json().get("internal_states") or [{}]
+    if "kvzap" not in states[0]:
+        raise LookupError(f"{url} does not run KVzap (no kvzap state in /server_info)")
+    return states[0]["kvzap"]
+
+
+def wait_until_idle(url: str, timeout_s: float = 120.0) -> dict:
+    """The server's KVzap state once no request holds cells (every cell in use belongs to the prefix cache), or the
+    last state read after ``timeout_s`` (the caller's assertions then say what is still held)."""
+    deadline = time.monotonic() + timeout_s
+    while (state := kvzap_state(url))["cells_in_use"] != state["cells_cached"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state
+
+
 def free_port() -> int:
     import socket
 

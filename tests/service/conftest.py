@@ -1,35 +1,20 @@
-"""The service against the real Redis at 127.0.0.1:6379, isolated by a per-test key prefix, cleaned up after.
+"""The service against the real Redis at 127.0.0.1:6379, isolated by a per-test key prefix cleaned up after
+(``prefix``, tests/conftest.py).
 
 Keys configured here: admin ``test-admin-key``; tenants ``test-acme-key`` → acme, ``test-beta-key`` → beta.
 """
 
 from __future__ import annotations
 
-import socket
-import uuid
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from calibrator import summarize
-from calibrator.series import connect
 from service.app import create_app
 from service.core.config import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix():
-    client = connect(REDIS_URL)
-    client.ping()  # fails loudly if Redis is not up: run scripts/ensure-redis.sh
-    name = f"kvzap-test-{uuid.uuid4().hex[:10]}:"
-    yield name
-    keys = list(client.scan_iter(f"{name}*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
-    client.close()
+REDIS_URL = "redis://127.0.0.1:6379/0"  # as tests/conftest.py (a conftest cannot be imported)
 
 
 @pytest.fixture
@@ -54,15 +39,6 @@ def make_settings(prefix):
 def api(make_settings):
     with TestClient(create_app(make_settings())) as client:
         yield client
-
-
-@pytest.fixture
-def closed_port_url():
-    """A Redis URL nothing listens on: a real connection failure, no mock."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture

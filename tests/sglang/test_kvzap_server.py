@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from kvzap_sglang.plugin.server_process import kvzap_state
+
 pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
 
 LAYERS, KV_HEADS, WINDOW = 30, 3, 8
@@ -28,11 +30,6 @@ def server(smollm2_path, server_factory, head0_surrogate):
              "--chunked-prefill-size", "256", "--enable-metrics", "--disable-radix-cache"]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
-
-
-def kvzap_state(url: str) -> dict:
-    info = requests.get(f"{url}/server_info", timeout=30).json()
-    return info["internal_states"][0]["kvzap"]
 
 
 def generate(url: str, text: str, max_new_tokens: int = 4, **extra) -> dict:

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import requests
 
 from benchmarks.tasks import make_shared_document
+from kvzap_sglang.plugin.server_process import kvzap_state, wait_until_idle
 
 pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
 
@@ -28,20 +28,8 @@ def generate(url: str, ids: list[int], max_new_tokens: int, **extra) -> dict:
     return response.json()
 
 
-def kvzap_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]
-
-
 def flush(url: str) -> None:
     requests.post(f"{url}/flush_cache", timeout=60).raise_for_status()
-
-
-def wait_idle(url: str, timeout_s: float = 120.0) -> dict:
-    """Server-wide KVzap state once no request holds cells (every cell in use belongs to the prefix cache)."""
-    deadline = time.monotonic() + timeout_s
-    while (state := kvzap_state(url))["cells_in_use"] != state["cells_cached"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +67,7 @@ def test_one_document_many_questions_shares_one_pruned_copy(mlp_server, tokenize
     outputs, cells = [], []
     for sample, ids in zip(samples, prompts):
         outputs.append(generate(mlp_server, ids, sample.max_new_tokens))
-        cells.append(wait_idle(mlp_server)["cells_in_use"])
+        cells.append(wait_until_idle(mlp_server)["cells_in_use"])
     cached = [out["meta_info"]["cached_tokens"] for out in outputs]
     assert cached[0] == 0
     # Back-off: at most the window (128) minus the question's own tokens is recomputed.
@@ -112,5 +100,5 @@ def test_multi_turn_chat_keeps_hitting_the_cache(mlp_server, tokenizer):
             assert meta["cached_tokens"] >= 0.95 * previous, (turn, meta["cached_tokens"], previous)
         messages.append({"role": "assistant", "content": out["text"].strip()})
         previous = meta["prompt_tokens"] + meta["completion_tokens"]
-    state = wait_idle(mlp_server)
+    state = wait_until_idle(mlp_server)
     assert state["prefix_cache"] == "KvzapRadixCache" and state["cells_cached"] > 0

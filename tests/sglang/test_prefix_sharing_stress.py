@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from kvzap_sglang.plugin.server_process import kvzap_state, wait_until_idle
 
 pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
 
@@ -26,18 +27,6 @@ def generate(url: str, ids: list[int], max_new_tokens: int, **extra) -> dict:
     response = requests.post(f"{url}/generate", json=body, timeout=900)
     response.raise_for_status()
     return response.json()
-
-
-def kvzap_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]
-
-
-def wait_idle(url: str, timeout_s: float = 120.0) -> dict:
-    """Server-wide KVzap state once no request holds cells (every cell in use belongs to the prefix cache)."""
-    deadline = time.monotonic() + timeout_s
-    while (state := kvzap_state(url))["cells_in_use"] != state["cells_cached"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------- stress
@@ -90,7 +79,7 @@ def test_stress_shared_prefixes_aborts_evictions_keep_every_invariant(stress_ser
     assert prompt > 10 * POOL_TOKENS, "far more tokens than the pool holds: the cache had to evict"
     assert sum(m.get("prompt_tokens", 0) > 64 for m in metas) > STRESS_REQUESTS // 20, "chunked prefill happened"
 
-    state = wait_idle(stress_server)
+    state = wait_until_idle(stress_server)
     assert requests.get(f"{stress_server}/health", timeout=60).status_code == 200, "an idle invariant check failed"
     assert state["cells_in_use"] == state["cells_cached"], state
     assert state["idle_checks"] > 0 and state["entries_pruned"] > 0

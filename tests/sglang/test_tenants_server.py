@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from kvzap_sglang.plugin.server_process import kvzap_state
 from fastapi.testclient import TestClient
 
-from calibrator.series import connect
 from service.app import create_app
 from service.core.config import Settings
 
@@ -61,23 +61,11 @@ prefix_cache_group = "docs"
 
 
 @pytest.fixture(scope="module")
-def prefix():
-    client = connect(REDIS_URL)
-    client.ping()
-    name = f"kvzap-test-{uuid.uuid4().hex[:10]}:"
-    yield name
-    keys = list(client.scan_iter(f"{name}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, prefix):
+def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, module_prefix):
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.toml"
     tenants.write_text(TENANTS_TOML)
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
-             "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", prefix,
+             "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
              "--kvzap-sample-rate", "0", "--max-total-tokens", "4096"]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
@@ -85,8 +73,8 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, pref
 
 
 @pytest.fixture(scope="module")
-def service(prefix):
-    settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, admin_api_keys=["test-admin-key"],
+def service(module_prefix):
+    settings = Settings(redis_url=REDIS_URL, redis_prefix=module_prefix, admin_api_keys=["test-admin-key"],
                         tenant_api_keys={"svc-acme-key": "acme", "svc-keep-key": "keep"},
                         known_models=[MODEL])  # fmt: skip
     with TestClient(create_app(settings)) as client:
@@ -107,7 +95,7 @@ def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -
 
 
 def tenants_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["kvzap"]["tenants"]
+    return kvzap_state(url)["tenants"]
 
 
 def prompt(tag: str, fillers: int = 4) -> str:
