@@ -46,7 +46,13 @@ def register() -> None:
 
     settings = KVzapSettings.from_env()
     if settings is not None:
-        _register_serving_hooks(HookRegistry, HookType)
+        try:
+            _register_serving_hooks(HookRegistry, HookType)
+        except Exception as error:  # SGLang's load_plugins logs and goes on; the scheduler must not (plugin.seams)
+            from kvzap_sglang.plugin import seams
+
+            seams.record_registration_error(error)
+            raise
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)

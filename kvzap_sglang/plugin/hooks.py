@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from kvzap_sglang.plugin import reporting, runtime
+from kvzap_sglang.plugin import reporting, runtime, seams
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
 from kvzap_sglang.plugin.settings import KVzapSettings
 from kvzap_sglang.plugin.tenants import admit_within_budgets
@@ -36,6 +36,7 @@ def build_mha_kv_pool(original, self, *args, mha_pool_class=None, **kwargs):
     settings = KVzapSettings.from_env()
     if settings is None:
         return original(self, *args, mha_pool_class=mha_pool_class, **kwargs)
+    seams.verify_hooks_applied()  # before anything is allocated: KVzap serves whole or not at all
     pool = original(self, *args, mha_pool_class=KvzapCellPool, **kwargs)
     runtime.install(settings, pool.store, self.model_config.hf_config, pool.dtype, start_layer=pool.start_layer)
     return pool

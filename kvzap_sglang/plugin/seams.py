@@ -3,8 +3,9 @@
 SGLang's ``load_plugins`` logs and skips a plugin that raises, and ``HookRegistry.apply_hooks`` logs and skips a hook
 whose target it cannot wrap (a function an SGLang release renamed or moved). Either way the server would start with
 KVzap partly in place: a stock KV pool under KVzap's attention, or tenants without budgets. The scheduler therefore
-checks, when it builds KVzap's attention backend (which every KVzap server does, before serving anything), that
-every hook KVzap registered was applied, and stops with the list of the ones that were not.
+checks, when it builds KVzap's KV pool and attention backend (which every KVzap server does, before serving
+anything), that every hook KVzap registered was applied and that registering them raised nothing, and stops with the
+list of what is missing.
 
 ``tests/sglang/test_sglang_seams.py`` checks the same seams against the installed SGLang without starting a server
 (targets exist, hooks' parameters bind to theirs, subclasses override only methods SGLang has), which is what a
@@ -20,6 +21,14 @@ SUPPORTED_SGLANG = "0.5.23"
 
 class SeamError(RuntimeError):
     """KVzap is on, but SGLang did not take some of its hooks."""
+
+
+_registration_errors: list[str] = []  # what raised while this process registered KVzap's serving hooks
+
+
+def record_registration_error(error: BaseException) -> None:
+    """Remember an error raised while registering the serving hooks (``load_plugins`` only logs it)."""
+    _registration_errors.append(f"{type(error).__name__}: {error}")
 
 
 def _is_kvzap(hook) -> bool:
@@ -40,6 +49,8 @@ def unapplied_hooks() -> list[str]:
 def verify_hooks_applied() -> None:
     """Raise ``SeamError`` naming every KVzap hook SGLang failed to apply; nothing when all are in place."""
     missing = unapplied_hooks()
+    if _registration_errors:
+        missing.append(f"the hooks after the error raised while registering them ({'; '.join(_registration_errors)})")
     if not missing:
         return
     try:

@@ -167,10 +167,16 @@ def test_the_supported_sglang_is_the_pinned_one():
     assert f"sglang=={seams.SUPPORTED_SGLANG}" in pinned
 
 
-def test_a_hook_sglang_could_not_apply_stops_a_kvzap_scheduler():
-    """A KVzap hook on a target this SGLang lacks (as after a rename): ``apply_hooks`` only logs it, and the check
-    the attention-backend factories run first refuses to serve, naming the target and both versions."""
+def test_a_hook_sglang_could_not_apply_stops_a_kvzap_scheduler(monkeypatch):
+    """A KVzap hook on a target this SGLang lacks (as after a rename): ``apply_hooks`` only logs it, and the checks
+    the pool builder and the attention-backend factories run first refuse to serve, naming the target and both
+    versions, before anything is allocated."""
+    from kvzap_sglang.plugin import hooks
     from kvzap_sglang.plugin.attention_backend import create_kvzap_torch_backend
+    from kvzap_sglang.plugin.settings import KVzapSettings
+
+    def never_called(*args, **kwargs):
+        raise AssertionError("the pool was built although a hook is missing")
 
     target = "sglang.srt.managers.scheduler.Scheduler.renamed_in_a_later_release"
     seams.verify_hooks_applied()  # this process's own KVzap hooks (start-up surface) are all in place
@@ -181,6 +187,30 @@ def test_a_hook_sglang_could_not_apply_stops_a_kvzap_scheduler():
         expected = r"renamed_in_a_later_release.*sglang==0\.5\.23; installed: 0\.5\.23"
         with pytest.raises(seams.SeamError, match=expected):
             create_kvzap_torch_backend(model_runner=None)
+        monkeypatch.setattr(KVzapSettings, "from_env", classmethod(lambda cls: object()))  # KVzap on
+        with pytest.raises(seams.SeamError, match=expected):
+            hooks.build_mha_kv_pool(never_called, None)
     finally:
         del HookRegistry._hooks[target]
     seams.verify_hooks_applied()
+
+
+def test_an_error_while_registering_the_serving_hooks_stops_a_kvzap_scheduler(monkeypatch):
+    """``load_plugins`` logs a plugin that raises and goes on; the error is kept and the scheduler's check names it."""
+    from collections import defaultdict
+
+    import kvzap_sglang.plugin as plugin
+    from kvzap_sglang.plugin.settings import KVzapSettings
+
+    def failing(registry, hook_type):
+        raise ImportError("cannot import name 'register_radix_cache_backend'")
+
+    monkeypatch.setattr(seams, "_registration_errors", [])
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))  # this test's registrations go nowhere
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(plugin, "_register_serving_hooks", failing)
+    monkeypatch.setattr(KVzapSettings, "from_env", classmethod(lambda cls: object()))  # KVzap on
+    with pytest.raises(ImportError):
+        plugin.register()  # what load_plugins() calls, and logs
+    with pytest.raises(seams.SeamError, match=r"ImportError: cannot import name 'register_radix_cache_backend'"):
+        seams.verify_hooks_applied()
