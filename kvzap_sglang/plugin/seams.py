@@ -47,18 +47,21 @@ def unapplied_hooks() -> list[str]:
 
 
 def verify_hooks_applied() -> None:
-    """Raise ``SeamError`` naming every KVzap hook SGLang failed to apply; nothing when all are in place."""
-    missing = unapplied_hooks()
+    """Raise ``SeamError`` naming every KVzap hook SGLang failed to apply and any error raised while registering
+    them; nothing when all are in place."""
+    problems = []
+    if missing := unapplied_hooks():
+        problems.append(f"SGLang did not apply its hooks on {', '.join(missing)} (the 'Failed to apply hooks' error "
+                        f"logged earlier says why)")  # fmt: skip
     if _registration_errors:
-        missing.append(f"the hooks after the error raised while registering them ({'; '.join(_registration_errors)})")
-    if not missing:
+        problems.append(f"registering its serving hooks raised {'; '.join(_registration_errors)}")
+    if not problems:
         return
     try:
         installed = version("sglang")
     except PackageNotFoundError:
         installed = "unknown"
     raise SeamError(
-        f"KVzap is on but SGLang did not apply its hooks on {', '.join(missing)} (the 'Failed to apply hooks' "
-        f"error logged before this says why). kvzap-sglang is built for sglang=={SUPPORTED_SGLANG}; installed: "
-        f"{installed}. Serving would run with KVzap half-installed, so the server stops here."
+        f"KVzap is on but {'; and '.join(problems)}. kvzap-sglang is built for sglang=={SUPPORTED_SGLANG}; "
+        f"installed: {installed}. Serving would run with KVzap half-installed, so the server stops here."
     )
