@@ -55,6 +55,11 @@ class KvzapTorchAttnBackend(AttentionBackend):
         if rt is not None:
             rt.begin_forward(view)
         self.view = view
+        # Per forward, for every layer's density check: the batch's slots (padding → slot 0, whose cells are -1) and
+        # where the padding is.
+        in_seq = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None]
+        self.padding = ~in_seq
+        self.flat_slots = torch.where(in_seq, token_slots, 0).reshape(-1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
@@ -71,25 +76,32 @@ class KvzapTorchAttnBackend(AttentionBackend):
         view = self.view
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         layer_idx = layer.layer_id - self.pool.start_layer
-        layout = build_layout(self.store, layer_idx, view.token_slots, view.seq_lens)
-        if layout.num_entries == int(view.seq_lens.sum()) * layout.num_kv_heads:
-            out = self._dense(q3, layer, layer_idx, view)
+        # One gather of this layer's map column decides: nothing pruned for this batch → the dense path reads K/V
+        # through these cells; otherwise compact the kept entries. (index_select on one layer's column: advanced
+        # indexing over the whole map, or building the layout just to count, cost 3-4x more per layer on CPU.)
+        bs, max_len = view.token_slots.shape
+        cells = self.store.slot_to_cell[:, layer_idx].index_select(0, self.flat_slots).view(bs, max_len, -1)
+        if bool(((cells >= 0) | self.padding[:, :, None]).all()):
+            out = self._dense(q3, layer, cells, view)
         else:
+            layout = build_layout(self.store, layer_idx, view.token_slots, view.seq_lens)
             out = attend(q3, self.store.k_cells, self.store.v_cells, layout, view.queries, scaling=layer.scaling)
         return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
-    def _dense(self, q, layer, layer_idx, view):
-        """SGLang torch_native's per-request SDPA (same op order and shapes) with K/V gathered from cells."""
+    def _dense(self, q, layer, cells, view):
+        """SGLang torch_native's per-request SDPA (same op order and shapes) with K/V gathered from ``cells``
+        (``[bs, T, H]``, every in-sequence entry held)."""
         out = torch.empty_like(q)
         query = q.movedim(0, 1)  # [H_q, num_tokens, d]
         use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
         starts = view.queries.qo_indptr.tolist()
+        num_heads, head_dim = cells.shape[2], self.store.k_cells.shape[1]
         for b, seq_len in enumerate(view.seq_lens.tolist()):
             start_q, end_q = starts[b], starts[b + 1]
             n_q = end_q - start_q
-            cells = self.store.slot_to_cell[view.token_slots[b, :seq_len], layer_idx].to(torch.int64)  # [L, H]
-            key = self.store.k_cells[cells].movedim(0, 1)  # [H, L, d]
-            value = self.store.v_cells[cells].movedim(0, 1)
+            flat = cells[b, :seq_len].reshape(-1).to(torch.int64)  # [L·H], position-major
+            key = self.store.k_cells.index_select(0, flat).view(seq_len, num_heads, head_dim).movedim(0, 1)  # [H, L, d]
+            value = self.store.v_cells.index_select(0, flat).view(seq_len, num_heads, -1).movedim(0, 1)
             per_req_query = query[:, start_q:end_q, :]
             if key.dtype != per_req_query.dtype:
                 key, value = key.to(per_req_query.dtype), value.to(per_req_query.dtype)
