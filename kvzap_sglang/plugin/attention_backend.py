@@ -80,7 +80,8 @@ class KvzapTorchAttnBackend(AttentionBackend):
         # through these cells; otherwise compact the kept entries. (index_select on one layer's column: advanced
         # indexing over the whole map, or building the layout just to count, cost 3-4x more per layer on CPU.)
         bs, max_len = view.token_slots.shape
-        cells = self.store.slot_to_cell[:, layer_idx].index_select(0, self.flat_slots).view(bs, max_len, -1)
+        column = self.store.slot_to_cell[:, layer_idx]
+        cells = column.index_select(0, self.flat_slots).view(bs, max_len, self.store.config.num_kv_heads)
         if bool(((cells >= 0) | self.padding[:, :, None]).all()):
             out = self._dense(q3, layer, cells, view)
         else:
