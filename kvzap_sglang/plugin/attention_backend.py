@@ -1,13 +1,14 @@
 """Attention over the head-granular cell store for SGLang's CPU path (registered as ``kvzap_torch``).
 
-Per layer: write this forward's K/V into the tokens' cells, compact the layer's kept entries per (request, KV head)
-(``storage.build_layout``), then attend:
+Per layer: write this forward's K/V into the tokens' cells, gather the layer's cells of the batch
+(``storage.layer_cells``, over the ``BatchSlots`` built once per forward), then attend:
 
 * nothing pruned in this layer for this batch → the very computation of SGLang's ``torch_native`` backend (one SDPA
   per request over the same bf16 K/V, gathered from cells), so KVzap with nothing removed gives SGLang's outputs bit
   for bit;
-* otherwise → ``storage.attend`` over the head-folded layout (each (request, KV head) one sequence with its GQA
-  group as query heads; causal by kept positions), the same metadata a FlashInfer plan uses (issue #7).
+* otherwise → ``storage.attend`` over the head-folded layout of the kept entries (``layout_from_cells``: each
+  (request, KV head) one sequence with its GQA group as query heads; causal by kept positions), the same metadata a
+  FlashInfer plan uses (issue #7).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from kvzap_sglang.plugin import runtime, seams
 from kvzap_sglang.plugin.cell_pool import KvzapCellPool
-from kvzap_sglang.storage import QueryLayout, attend, build_layout
+from kvzap_sglang.storage import (
+    BatchSlots,
+    QueryLayout,
+    attend,
+    holds_every_entry,
+    layer_cells,
+    layout_from_cells,
+)
 
 
 class KvzapTorchAttnBackend(AttentionBackend):
@@ -55,11 +63,7 @@ class KvzapTorchAttnBackend(AttentionBackend):
         if rt is not None:
             rt.begin_forward(view)
         self.view = view
-        # Per forward, for every layer's density check: the batch's slots (padding → slot 0, whose cells are -1) and
-        # where the padding is.
-        in_seq = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None]
-        self.padding = ~in_seq
-        self.flat_slots = torch.where(in_seq, token_slots, 0).reshape(-1)
+        self.slots = BatchSlots.of(token_slots, seq_lens, self.store.device)  # read by every layer of this forward
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
@@ -76,16 +80,14 @@ class KvzapTorchAttnBackend(AttentionBackend):
         view = self.view
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         layer_idx = layer.layer_id - self.pool.start_layer
-        # One gather of this layer's map column decides: nothing pruned for this batch → the dense path reads K/V
-        # through these cells; otherwise compact the kept entries. (index_select on one layer's column: advanced
-        # indexing over the whole map, or building the layout just to count, cost 3-4x more per layer on CPU.)
-        bs, max_len = view.token_slots.shape
-        column = self.store.slot_to_cell[:, layer_idx]
-        cells = column.index_select(0, self.flat_slots).view(bs, max_len, self.store.config.num_kv_heads)
-        if bool(((cells >= 0) | self.padding[:, :, None]).all()):
+        # One gather of this layer's cells serves both paths: nothing pruned for this batch → the dense path reads
+        # K/V through them; otherwise they are compacted into the layout. (Building the layout just to count its
+        # entries, then gathering the cells again by advanced indexing, cost 3-4x more per layer on CPU.)
+        cells = layer_cells(self.store, layer_idx, self.slots)
+        if holds_every_entry(cells, self.slots):
             out = self._dense(q3, layer, cells, view)
         else:
-            layout = build_layout(self.store, layer_idx, view.token_slots, view.seq_lens)
+            layout = layout_from_cells(cells, self.slots)
             out = attend(q3, self.store.k_cells, self.store.v_cells, layout, view.queries, scaling=layer.scaling)
         return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 

@@ -4,7 +4,8 @@ Same seams and per-forward metadata as the CPU backend (``attention_backend.Kvza
 ``init_forward_metadata`` and pool checks it inherits); only the per-layer attention differs:
 
 1. write this forward's K/V into the tokens' cells (``set_kv_buffer``; cells were reserved at slot allocation);
-2. ``build_layout`` of the layer (kept cells per (request, KV head), heads folded into the batch);
+2. the layer's head-folded layout (``layout_from_cells`` over the forward's ``BatchSlots``: kept cells per
+   (request, KV head), heads folded into the batch);
 3. ``FlashInferCellAttention.decode`` (decode wrapper) or ``.extend`` (one causal paged-prefill call: the new tokens
    were just written and are pruned only after this layer's attention, so they end every list — checked).
 
@@ -26,7 +27,7 @@ import torch
 
 from kvzap_sglang.plugin import seams
 from kvzap_sglang.plugin.attention_backend import KvzapTorchAttnBackend, create_kvzap_torch_backend
-from kvzap_sglang.storage import build_layout
+from kvzap_sglang.storage import layer_cells, layout_from_cells
 from kvzap_sglang.storage.flashinfer_attention import FlashInferCellAttention
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class KvzapFlashInferAttnBackend(KvzapTorchAttnBackend):
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         view = self.view
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        layout = build_layout(self.store, layer.layer_id - self.pool.start_layer, view.token_slots, view.seq_lens)
+        cells = layer_cells(self.store, layer.layer_id - self.pool.start_layer, self.slots)
+        layout = layout_from_cells(cells, self.slots)
         cells = (self.store.k_cells, self.store.v_cells)
         if view.is_decode:
             out = self.attention.decode(q3, *cells, layout, scaling=layer.scaling)

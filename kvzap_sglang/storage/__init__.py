@@ -2,8 +2,9 @@
 
 * ``cell_allocator`` — ids of free/used cells (``CellAllocator``, ``OutOfCells``);
 * ``cell_store`` — K/V cells, the slot → cell map and per-entry scores (``CellStore``, ``CellStoreConfig``);
-* ``layout`` — per-layer, head-folded attention metadata of a batch (``build_layout``, ``HeadFoldedLayout``,
-  ``QueryLayout``, ``fold_queries`` for FlashInfer's folded batch);
+* ``layout`` — per-layer, head-folded attention metadata of a batch (``build_layout``, or its parts ``BatchSlots`` /
+  ``layer_cells`` / ``layout_from_cells`` / ``holds_every_entry`` for several layers of one batch;
+  ``HeadFoldedLayout``, ``QueryLayout``, ``fold_queries`` for FlashInfer's folded batch);
 * ``attention`` — torch attention over that metadata (``attend``);
 * ``pruning`` — DMS decisions applied to the store (``prune_window_exits`` for private sequences,
   ``prune_decided`` for the slots a ``WindowTracker`` says are decided now, ``retighten`` to judge decided
@@ -24,11 +25,15 @@ and ``store.free_slots(slots)`` when slots are released; ``store.token_capacity(
 from kvzap_sglang.storage.cell_allocator import CellAllocator, InvalidCellFree, OutOfCells
 from kvzap_sglang.storage.cell_store import NO_CELL, CellStore, CellStoreConfig
 from kvzap_sglang.storage.layout import (
+    BatchSlots,
     FoldedQueries,
     HeadFoldedLayout,
     QueryLayout,
     build_layout,
     fold_queries,
+    holds_every_entry,
+    layer_cells,
+    layout_from_cells,
     pad_slot_lists,
 )
 from kvzap_sglang.storage.attention import attend
@@ -37,6 +42,7 @@ from kvzap_sglang.storage.windows import WindowTracker
 
 __all__ = [
     "NO_CELL",
+    "BatchSlots",
     "CellAllocator",
     "CellStore",
     "CellStoreConfig",
@@ -48,6 +54,9 @@ __all__ = [
     "attend",
     "build_layout",
     "fold_queries",
+    "holds_every_entry",
+    "layer_cells",
+    "layout_from_cells",
     "pad_slot_lists",
     "prune_decided",
     "prune_window_exits",

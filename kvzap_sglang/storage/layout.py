@@ -93,43 +93,71 @@ class QueryLayout:
         return cls.for_extend(seq_lens, torch.ones_like(seq_lens))
 
 
-def build_layout(store: CellStore, layer: int, token_slots: torch.Tensor, seq_lens: torch.Tensor) -> HeadFoldedLayout:
-    """Compact layer ``layer``'s kept entries of a batch.
+@dataclass(frozen=True)
+class BatchSlots:
+    """A batch's token slots by position with padding masked, shared by every layer of one forward.
 
-    Args:
-        store: the cell store.
-        layer: layer index.
-        token_slots: integer ``[bs, T]`` with ``T >= max(seq_lens)``; row ``b`` holds request ``b``'s token slot ids
-            by position (SGLang: ``req_to_token[req_pool_indices, :T]``). Entries at ``p >= seq_lens[b]`` are ignored.
-        seq_lens: integer ``[bs]`` tokens per request to read (including this forward's tokens when written).
-
-    Returns:
-        ``HeadFoldedLayout`` (vectorised; cost O(bs·T·H)).
+    * ``flat`` int64 ``[bs·T]`` — slot ids, row-major; positions ``p >= seq_lens[b]`` read slot 0 (it has no cells);
+    * ``in_seq`` bool ``[bs, T]`` — which positions belong to their request.
     """
-    num_heads = store.config.num_kv_heads
-    bs, max_len = token_slots.shape
-    device = store.device
-    seq_lens = seq_lens.to(device=device, dtype=torch.int64)
-    if seq_lens.numel() != bs:
-        raise ValueError(f"token_slots has {bs} rows but seq_lens has {seq_lens.numel()} entries")
-    if bs and int(seq_lens.max()) > max_len:
-        raise ValueError(f"seq_lens up to {int(seq_lens.max())} exceed token_slots width {max_len}")
-    positions = torch.arange(max_len, device=device)
-    in_seq = positions[None, :] < seq_lens[:, None]  # [bs, T]
-    slots = torch.where(in_seq, token_slots.to(device=device, dtype=torch.int64), 0).reshape(-1)
+
+    flat: torch.Tensor
+    in_seq: torch.Tensor
+
+    @classmethod
+    def of(cls, token_slots: torch.Tensor, seq_lens: torch.Tensor, device) -> "BatchSlots":
+        """``token_slots`` integer ``[bs, T]`` with ``T >= max(seq_lens)`` (SGLang: ``req_to_token[req_pool_indices,
+        :T]``); ``seq_lens`` integer ``[bs]`` tokens per request to read (including this forward's when written)."""
+        bs, max_len = token_slots.shape
+        seq_lens = seq_lens.to(device=device, dtype=torch.int64)
+        if seq_lens.numel() != bs:
+            raise ValueError(f"token_slots has {bs} rows but seq_lens has {seq_lens.numel()} entries")
+        if bs and int(seq_lens.max()) > max_len:
+            raise ValueError(f"seq_lens up to {int(seq_lens.max())} exceed token_slots width {max_len}")
+        in_seq = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]
+        flat = torch.where(in_seq, token_slots.to(device=device, dtype=torch.int64), 0).reshape(-1)
+        return cls(flat, in_seq)
+
+
+def layer_cells(store: CellStore, layer: int, slots: BatchSlots) -> torch.Tensor:
+    """int32 ``[bs, T, H]``: the cell of every (request, position, KV head) entry of layer ``layer``, -1 where pruned,
+    not written yet, or padding."""
     # Gather only this layer's H columns with index_select: advanced indexing over the whole [S+1, L, H] map was
     # 10-100x slower on a loaded 2-core CPU (measured).
-    cells = store.slot_to_cell[:, layer].index_select(0, slots).view(bs, max_len, num_heads)
+    bs, max_len = slots.in_seq.shape
+    return store.slot_to_cell[:, layer].index_select(0, slots.flat).view(bs, max_len, store.config.num_kv_heads)
+
+
+def holds_every_entry(cells: torch.Tensor, slots: BatchSlots) -> bool:
+    """Whether nothing of the batch is pruned in this layer (``cells`` from ``layer_cells``)."""
+    return bool(((cells >= 0) | ~slots.in_seq[:, :, None]).all())
+
+
+def layout_from_cells(cells: torch.Tensor, slots: BatchSlots) -> HeadFoldedLayout:
+    """Compact one layer's kept entries (``cells`` from ``layer_cells``) into the head-folded layout."""
+    bs, max_len, num_heads = cells.shape
     cells = cells.transpose(1, 2).contiguous()  # [bs, H, T]; slot 0 (padding) maps to -1
-    keep = (cells >= 0) & in_seq[:, None, :]
+    keep = (cells >= 0) & slots.in_seq[:, None, :]
     kv_lens = keep.sum(dim=-1, dtype=torch.int32)  # [bs, H]
-    kv_indptr = torch.zeros(bs * num_heads + 1, dtype=torch.int32, device=device)
+    kv_indptr = torch.zeros(bs * num_heads + 1, dtype=torch.int32, device=cells.device)
     torch.cumsum(kv_lens.reshape(-1), dim=0, out=kv_indptr[1:])
     # Flat (b, h, t) row-major order: sequences in s = b·H + h order, positions ascending within each.
     kept_at = keep.reshape(-1).nonzero().squeeze(1)
     kv_indices = cells.reshape(-1).index_select(0, kept_at)
     kv_positions = (kept_at % max(max_len, 1)).to(torch.int32)
     return HeadFoldedLayout(kv_indptr, kv_indices, kv_positions, kv_lens, num_heads)
+
+
+def build_layout(store: CellStore, layer: int, token_slots: torch.Tensor, seq_lens: torch.Tensor) -> HeadFoldedLayout:
+    """Compact layer ``layer``'s kept entries of a batch (``token_slots``, ``seq_lens`` as in ``BatchSlots.of``;
+    entries at ``p >= seq_lens[b]`` are ignored). A caller reading several layers of one batch builds
+    ``BatchSlots`` once and calls ``layout_from_cells(layer_cells(...))`` per layer.
+
+    Returns:
+        ``HeadFoldedLayout`` (vectorised; cost O(bs·T·H)).
+    """
+    slots = BatchSlots.of(token_slots, seq_lens, store.device)
+    return layout_from_cells(layer_cells(store, layer, slots), slots)
 
 
 def pad_slot_lists(slot_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

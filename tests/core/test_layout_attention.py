@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from kvzap_sglang.storage import (
+    BatchSlots,
     CellStore,
     CellStoreConfig,
     QueryLayout,
     attend,
     build_layout,
     fold_queries,
+    holds_every_entry,
+    layer_cells,
     pad_slot_lists,
 )
 
@@ -140,6 +143,26 @@ def test_layout_matches_a_python_compaction_and_ignores_stale_slots():
             assert layout.kv_positions[span].tolist() == expect_pos
             assert layout.kv_indices[span].tolist() == expect_cells
             assert int(layout.kv_lens[b, h]) == len(expect_pos)
+
+
+def test_the_density_check_sees_one_pruned_entry_and_ignores_padding_and_stale_slots():
+    """``holds_every_entry`` picks the backend's dense path: true only while no in-sequence entry of the layer is
+    pruned; padding (slot 0) and stale slots past seq_len never count."""
+    batch = Batch(torch.float32)
+    for n in (9, 14):
+        batch.grow(batch.add_request(), n)
+    token_slots, seq_lens = pad_slot_lists(batch.slots)
+    token_slots = torch.cat([token_slots, token_slots[:, :1].expand(-1, 3)], dim=1)  # stale entries past seq_len
+    slots = BatchSlots.of(token_slots, seq_lens, batch.store.device)
+    cells = layer_cells(batch.store, LAYER, slots)
+    assert cells.shape == (2, 17, H) and bool((cells[0, 9:] == -1).all())  # padding reads slot 0: no cell
+    assert holds_every_entry(cells, slots)
+    drop = torch.zeros(H, 14, dtype=torch.bool)
+    drop[2, 13] = True
+    batch.prune(1, drop)  # layer 0 loses every other entry (Batch.prune): only LAYER is asked about
+    assert not holds_every_entry(layer_cells(batch.store, LAYER, slots), slots)
+    shorter = BatchSlots.of(token_slots, seq_lens - 1, batch.store.device)  # the pruned entry is past seq_len now
+    assert holds_every_entry(layer_cells(batch.store, LAYER, shorter), shorter)
 
 
 def test_metadata_is_flashinfer_shaped():
