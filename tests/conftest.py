@@ -23,6 +23,14 @@ def smollm2_path():
     return resolve_model_path("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_path):
+    """SmolLM2's tokenizer, from the local model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path, local_files_only=True)
+
+
 @contextmanager
 def _isolated_key_prefix():
     """A fresh Redis key prefix; every key under it is deleted afterwards."""

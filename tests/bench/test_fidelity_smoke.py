@@ -18,13 +18,6 @@ SHORT = 256
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
 def model(smollm2_path):
     from transformers import AutoModelForCausalLM
 

@@ -32,13 +32,6 @@ def flush(url: str) -> None:
     requests.post(f"{url}/flush_cache", timeout=60).raise_for_status()
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
 def chat_ids(tokenizer, messages: list[dict], answer_prefix: str = "") -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
     return tokenizer(text, add_special_tokens=False)["input_ids"]

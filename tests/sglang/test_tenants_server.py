@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
-from kvzap_sglang.plugin.server_process import kvzap_state
 from fastapi.testclient import TestClient
 
+from kvzap_sglang.plugin.server_process import kvzap_state
 from service.app import create_app
 from service.core.config import Settings
 
@@ -79,13 +78,6 @@ def service(module_prefix):
                         known_models=[MODEL])  # fmt: skip
     with TestClient(create_app(settings)) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path, local_files_only=True)
 
 
 def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -> requests.Response:
