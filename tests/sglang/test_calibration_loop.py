@@ -289,6 +289,8 @@ def test_finished_requests_are_summarised_into_redis_matching_meta_info(loop, pr
     assert [r for _, r in predicted] == pytest.approx([r for _, r in reported], abs=1e-12)
     assert all(0.05 < r < 0.95 for _, r in reported)  # τ prunes some but not all eligible entries
     assert SampleStore(redis_client, prefix).curves(MODEL, TASK).num_requests == 3
+    # The sink counts a batch as sent once the Redis write has returned, so the counter may trail Redis briefly.
+    wait_for(lambda: state(url)["samples"]["sent"] >= 3, timeout_s=5, what="the sink to count 3 sent")
     assert state(url)["samples"]["sent"] == 3
 
 
@@ -315,6 +317,8 @@ def test_unreachable_redis_keeps_serving_at_the_last_tau_then_recovers(loop, pro
     url, relay, prefix = loop
     set_tau(redis_client, prefix, TAU_LIVE)
     wait_for(lambda: state(url)["tau"] == TAU_LIVE, timeout_s=10, what="τ before the failure")
+    # Everything offered so far is shipped before the failure, so the counters below count only this test's requests.
+    wait_for(lambda: (s := state(url)["samples"])["sent"] == s["offered"], timeout_s=10, what="the sink to drain")
     relay.close()  # injected failure: Redis unreachable from the server
     try:
         set_tau(redis_client, prefix, TAU_WHILE_AWAY)  # the server cannot see this write
