@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from calibrator.bins import EDGES, NUM_BUCKETS  # noqa: E402
 from calibrator.fit import fit_threshold  # noqa: E402
 from calibrator.sample_store import SampleStore, StoreLimits  # noqa: E402
-from calibrator.series import connect  # noqa: E402
+from calibrator.series import connect, delete_prefix  # noqa: E402
 from calibrator.summary import ScoreSummary  # noqa: E402
 
 REDIS_URL = os.environ.get("KVZAP_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -117,9 +117,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(15)
-        keys = list(client.scan_iter(f"{prefix}*", count=5000))
-        for i in range(0, len(keys), 5000):
-            client.delete(*keys[i : i + 5000])
+        delete_prefix(client, prefix)
 
     print(f"\n/calibrate over HTTP (uvicorn, 1 worker), {args.calls} calls per level, bootstrap 1000 resamples")
     print(f"{'stored':>8} {'p50 ms':>8} {'p95 ms':>8} {'read ms':>8} {'fit ms':>8} {'n used':>7} {'CI width':>9}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import baselines
+from benchmarks.provenance import cpu_description
 from benchmarks.tasks import TASKS, Sample, encode, make_sample, string_match_all
 from kvzap_sglang.policy import DEFAULT_WINDOW, keep_mask, removed_fraction
 
@@ -418,10 +418,8 @@ def summarize(records: list[Record]) -> list[dict]:
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
-    cpu = names[0] if names else (platform.processor() or "unknown CPU")
-    return f"{cpu} ({len(names) or '?'} cores), {torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu_description()}, {threads} torch thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrator import summarize  # noqa: E402
-from calibrator.series import connect  # noqa: E402
+from calibrator.series import connect, delete_prefix  # noqa: E402
 
 REDIS_URL = os.environ.get("KVZAP_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "fuzz-admin-key"
@@ -76,9 +76,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(15)
-        keys = list(client.scan_iter(f"{prefix}*", count=5000))
-        for i in range(0, len(keys), 5000):
-            client.delete(*keys[i : i + 5000])
+        delete_prefix(client, prefix)
     by_status: dict[str, float] = {}
     for status, count in re.findall(r'kvzap_http_requests_total\{[^}]*status="(\d+)"\} ([0-9.e+]+)', metrics):
         by_status[status] = by_status.get(status, 0) + float(count)

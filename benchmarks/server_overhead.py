@@ -26,8 +26,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+# Appended, not prepended: a PYTHONPATH naming another checkout (to time older code) keeps its precedence.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.provenance import header, provenance  # noqa: E402
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvzap_sglang.models import resolve_model_path
     from kvzap_sglang.prompts import retrieval_prompt
 
+    measured = provenance()  # load average before the engines start
+    print(header(measured), flush=True)
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt = retrieval_prompt(tokenizer, args.prompt_tokens, seed=0).render_chat(tokenizer)
@@ -149,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k != "out"}
-        args.out.write_text(json.dumps({"settings": settings, "tables": tables, "times": times}, indent=1) + "\n")
+        measured["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+        results = {"provenance": measured, "settings": settings, "tables": tables, "times": times}
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -42,6 +43,20 @@ def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
     )
+
+
+def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
+    """Delete every key that starts with ``prefix``; returns how many were deleted.
+
+    The prefix is matched literally: SCAN's glob characters in it are escaped, so ``a[1]:`` never reaches ``a1:x``.
+    An empty prefix is refused: it would match the whole database."""
+    if not prefix:
+        raise ValueError("refusing to delete every key: the prefix is empty")
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+    keys = list(client.scan_iter(match=pattern, count=batch))
+    for start in range(0, len(keys), batch):
+        client.unlink(*keys[start : start + batch])
+    return len(keys)
 
 
 def unavailable(error: redis.RedisError) -> StoreUnavailableError:

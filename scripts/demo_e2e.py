@@ -359,10 +359,10 @@ def _bytes_per_cell(model_path: Path) -> int:
 
 
 def _delete_keys(redis, prefix: str) -> None:
+    from calibrator.series import delete_prefix
+
     try:
-        keys = list(redis.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            redis.unlink(*keys)
+        delete_prefix(redis, prefix)
     except Exception as error:  # noqa: BLE001 — clean-up must not hide the run's own outcome
         print(f"could not delete the demo's Redis keys ({prefix}*): {error}", file=sys.stderr)
 

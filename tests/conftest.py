@@ -34,7 +34,7 @@ def tokenizer(smollm2_path):
 @contextmanager
 def _isolated_key_prefix():
     """A fresh Redis key prefix; every key under it is deleted afterwards."""
-    from calibrator.series import connect
+    from calibrator.series import connect, delete_prefix
 
     client = connect(REDIS_URL)
     client.ping()  # fails loudly if Redis is not up: run scripts/ensure-redis.sh
@@ -42,9 +42,7 @@ def _isolated_key_prefix():
     try:
         yield name
     finally:
-        keys = list(client.scan_iter(f"{name}*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i : i + 1000])
+        delete_prefix(client, name)
         client.close()
 
 

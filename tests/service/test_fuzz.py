@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from calibrator.series import connect
+from calibrator.series import connect, delete_prefix
 from service.app import create_app
 from service.core.config import Settings
 
@@ -36,9 +36,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
 def _clean_redis():
     yield
     client = connect("redis://127.0.0.1:6379/0")
-    keys = list(client.scan_iter(f"{PREFIX}*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
+    delete_prefix(client, PREFIX)
 
 
 @schema.parametrize()

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from calibrator.sample_store import SampleStore
-from calibrator.series import SeriesKey, connect
+from calibrator.series import SeriesKey, connect, delete_prefix
 from calibrator.summary import ScoreSummary, removed_fraction_at
 from calibrator.threshold_store import ThresholdRecord, ThresholdStore
 from kvzap_sglang.plugin.settings import CalibrationSettings, KVzapConfigError
@@ -227,9 +227,7 @@ def loop(smollm2_path, server_factory, redis_client):
             yield url, relay, prefix
     finally:
         relay.close()
-        keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            redis_client.unlink(*keys)
+        delete_prefix(redis_client, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""Where a figure was measured: date, machine, load, library versions and the commit of the code that ran.
+
+Written into a benchmark's JSON and header so that a result file says by itself which code and host it describes;
+the commit is that of the checkout ``kvzap_sglang`` was imported from (a ``PYTHONPATH`` naming an older checkout
+times that checkout, and says so).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+def cpu_names() -> list[str]:
+    """One ``model name`` per logical CPU from /proc/cpuinfo (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    return [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+
+
+def cpu_description() -> str:
+    names = cpu_names()
+    return f"{names[0] if names else (platform.processor() or 'unknown CPU')} ({len(names) or '?'} cores)"
+
+
+def code_commit() -> str:
+    """Short commit of the checkout kvzap_sglang runs from, '+ uncommitted changes' when its tracked files differ."""
+    import kvzap_sglang
+
+    root = Path(kvzap_sglang.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({root} is not a git checkout)"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance() -> dict:
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": cpu_description(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch": _version("torch"),
+        "sglang": _version("sglang"),
+        "code": code_commit(),
+    }
+
+
+def header(info: dict) -> str:
+    return (f"measured {info['date']} on {info['machine']}, load {info['load_average_1m']}, torch {info['torch']}, "
+            f"sglang {info['sglang']}, code {info['code']}")  # fmt: skip
