@@ -23,9 +23,28 @@ def cpu_names() -> list[str]:
     return [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
 
 
+# Vector extensions that decide bf16 speed on a CPU: two hosts both called "AMD EPYC (2 cores)" here ran a 512-token
+# SmolLM2 bf16 prefill in 0.8 s and in 15 s, so a figure names the widest of these its host has.
+VECTOR_EXTENSIONS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def vector_extensions() -> list[str]:
+    """The ``VECTOR_EXTENSIONS`` in /proc/cpuinfo's flags (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [name for name in VECTOR_EXTENSIONS if name in flags]
+    return []
+
+
 def cpu_description() -> str:
     names = cpu_names()
-    return f"{names[0] if names else (platform.processor() or 'unknown CPU')} ({len(names) or '?'} cores)"
+    widest = vector_extensions()[:1]
+    cores = f"{len(names) or '?'} cores" + (f", {widest[0]}" if widest else "")
+    return f"{names[0] if names else (platform.processor() or 'unknown CPU')} ({cores})"
 
 
 def code_commit() -> str:

@@ -64,7 +64,7 @@ def prune_window_exits(
     freed_per_request = torch.zeros(prev_lens.numel(), dtype=torch.int64, device=store.device)
     if slots.numel() == 0:
         return freed_per_request
-    rows, layers, heads = _held_entries_below(store, layer, slots, threshold)
+    rows, layers, heads, _ = _held_entries_below(store, layer, slots, threshold)
     # Two requests may list the same slot (prefix sharing): count each entry for the first request listing it.
     entry = (slots[rows] * store.config.num_layers + layers) * store.config.num_kv_heads + heads
     _, first = _first_occurrence(entry)
@@ -91,15 +91,18 @@ def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, thre
     slots = slots.reshape(-1).to(device=store.device, dtype=torch.int64)
     if slots.numel() == 0:
         return 0
-    rows, layers, heads = _held_entries_below(store, layer, slots, threshold)
-    return store.prune_entries(slots[rows], layers, heads)
+    rows, layers, heads, cells = _held_entries_below(store, layer, slots, threshold)
+    if rows.numel() == 0:
+        return 0
+    return store.free_held_entries(slots[rows], layers, heads, cells)  # distinct slots: distinct entries
 
 
 def _held_entries_below(
     store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, layers, heads)`` of the entries of ``slots`` ``[n]`` that still hold a cell and score ``< threshold``
-    (one τ, or one per slot ``[n]``) in ``layer`` (every layer for ``None``); ``rows`` index ``slots``."""
+    """``(rows, layers, heads, cells)`` of the entries of ``slots`` ``[n]`` that still hold a cell and score
+    ``< threshold`` (one τ, or one per slot ``[n]``) in ``layer`` (every layer for ``None``); ``rows`` index
+    ``slots``, ``cells`` are the entries' cells (int64)."""
     if layer is None:
         scores = store.slot_scores.index_select(0, slots)  # [n, L, H]
         cells = store.slot_to_cell.index_select(0, slots)
@@ -111,8 +114,10 @@ def _held_entries_below(
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.reshape(-1, 1, 1).to(device=store.device, dtype=scores.dtype)
     rows, layer_idx, heads = ((scores < threshold) & (cells >= 0)).nonzero(as_tuple=True)  # [n, L', H] mask
+    if rows.numel() == 0:  # the common case of a decode step: nothing of this layer to free
+        return rows, rows, rows, rows
     layers = layer_idx if layer is None else torch.full_like(layer_idx, layer)
-    return rows, layers, heads
+    return rows, layers, heads, cells[rows, layer_idx, heads].to(torch.int64)
 
 
 def retighten(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_sglang.storage import NO_CELL, CellStore, CellStoreConfig, OutOfCells
+from kvzap_sglang.storage import NO_CELL, CellStore, CellStoreConfig, InvalidCellFree, OutOfCells
 
 L, H, D = 3, 2, 4
 
@@ -49,6 +49,20 @@ def test_padding_slot_zero_writes_to_the_padding_cell_without_allocating():
     assert store.used_cells() == H
     assert (store.slot_to_cell[0] == NO_CELL).all()
     assert store.cells_held(slots(0, 5)).tolist() == [0, H]
+    store.check_invariants()
+
+
+def test_padding_slot_in_a_write_whose_entries_are_all_held_allocates_nothing_and_gets_no_score():
+    store = make_store()
+    store.reserve(slots(5))
+    cells = store.slot_to_cell[5, 1].clone()
+    k, v = kv(3, seed=3)
+    store.write(1, slots(0, 5, 0), k, v, scores=torch.tensor([[7.0, 7.0], [1.0, 2.0], [8.0, 8.0]]))
+    assert store.used_cells() == L * H, "reserved cells reused, none allocated"
+    assert torch.equal(store.slot_to_cell[5, 1], cells)
+    torch.testing.assert_close(store.read(1, slots(5))[0][0], k[1])
+    assert store.slot_scores[5, 1].tolist() == [1.0, 2.0]
+    assert store.slot_scores[0].isnan().all(), "padding slot gets no score"
     store.check_invariants()
 
 
@@ -149,6 +163,22 @@ def test_prune_mask_and_prune_entries_across_layers():
     assert store.prune_mask(2, slots(5, 6), drop) == 3
     assert store.prune_entries(slots(5, 6, 6), torch.tensor([0, 1, 1]), torch.tensor([1, 0, 0])) == 2
     assert store.used_cells() == L * 2 * H - 5
+    store.check_invariants()
+
+
+def test_free_held_entries_refuses_a_repeated_or_stale_cell_and_changes_nothing():
+    store = make_store()
+    store.write(0, slots(1, 2), *kv(2))
+    cell = store.slot_to_cell[1, 0, 0].to(torch.int64)
+    map_before = store.slot_to_cell.clone()
+    one = torch.tensor([0])
+    with pytest.raises(InvalidCellFree, match="repeated"):
+        store.free_held_entries(slots(1, 1), one.repeat(2), one.repeat(2), cell.repeat(2))
+    assert torch.equal(store.slot_to_cell, map_before) and store.used_cells() == 2 * H
+    assert store.free_held_entries(slots(1), one, one, cell.reshape(1)) == 1
+    with pytest.raises(InvalidCellFree, match="double free"):
+        store.free_held_entries(slots(1), one, one, cell.reshape(1))
+    assert store.used_cells() == 2 * H - 1 and store.entries_pruned == 1
     store.check_invariants()
 
 
