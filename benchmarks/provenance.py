@@ -15,12 +15,17 @@ from importlib import metadata
 from pathlib import Path
 
 
-def cpu_names() -> list[str]:
-    """One ``model name`` per logical CPU from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo_values(key: str) -> list[str]:
+    """The value of every ``key`` line of /proc/cpuinfo (one per logical CPU; empty where there is none)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return []
-    return [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+    return [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith(key)]
+
+
+def cpu_names() -> list[str]:
+    """One ``model name`` per logical CPU from /proc/cpuinfo (empty where there is none)."""
+    return _cpuinfo_values("model name")
 
 
 # Vector extensions that decide bf16 speed on a CPU: two hosts both called "AMD EPYC (2 cores)" here ran a 512-token
@@ -30,14 +35,8 @@ VECTOR_EXTENSIONS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 def vector_extensions() -> list[str]:
     """The ``VECTOR_EXTENSIONS`` in /proc/cpuinfo's flags (empty where there is none)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return []
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [name for name in VECTOR_EXTENSIONS if name in flags]
-    return []
+    flags = set(next(iter(_cpuinfo_values("flags")), "").split())
+    return [name for name in VECTOR_EXTENSIONS if name in flags]
 
 
 def cpu_description() -> str:

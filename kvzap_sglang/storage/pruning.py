@@ -99,7 +99,7 @@ def prune_decided(store: CellStore, layer: int | None, slots: torch.Tensor, thre
 
 def _held_entries_below(
     store: CellStore, layer: int | None, slots: torch.Tensor, threshold: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows, layers, heads, cells)`` of the entries of ``slots`` ``[n]`` that still hold a cell and score
     ``< threshold`` (one τ, or one per slot ``[n]``) in ``layer`` (every layer for ``None``); ``rows`` index
     ``slots``, ``cells`` are the entries' cells (int64)."""
