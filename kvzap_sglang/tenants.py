@@ -60,7 +60,9 @@ class TenantAuthError(Exception):
 
 
 class TenantSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: TOML has real numbers, booleans and strings, so `window = true` or `kv_budget_tokens = "4096"` is a
+    # mistake in the file, not something to coerce.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     threshold: float | None = None
     window: int | None = Field(None, ge=0)
@@ -75,6 +77,11 @@ class TenantSpec(BaseModel):
         if value is not None and not math.isfinite(value):
             raise ValueError("threshold must be finite")
         return value
+
+    @field_validator("threshold_range", mode="before")
+    @classmethod
+    def _array_as_pair(cls, value):
+        return tuple(value) if isinstance(value, list) else value  # a TOML array; strict mode wants a tuple
 
     @field_validator("threshold_range")
     @classmethod
@@ -129,6 +136,8 @@ class TenantsConfig(BaseModel):
             return cls.model_validate(tomllib.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise TenantsConfigError(f"tenants file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as error:  # a directory, no permission, not UTF-8 text
+            raise TenantsConfigError(f"tenants file {path} cannot be read as TOML text: {error}") from None
         except (tomllib.TOMLDecodeError, ValidationError) as error:
             raise TenantsConfigError(f"tenants file {path}: {error}") from None
 

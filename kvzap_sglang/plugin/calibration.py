@@ -12,10 +12,11 @@ Scheduler process, when KVzap is on and a Redis URL is configured:
 * request finished (BEFORE ``release_kv_cache``, while its slots still hold their scores): for a sampled request
   the per-entry scores ``[L, H, T]`` are summarised (``calibrator.summarize``, the plugin's window) and offered to
   the sink — a non-blocking put; Redis is only touched by the sink's thread;
-* between forwards (BEFORE ``Scheduler.run_batch``, and in ``get_internal_state``): the watcher's τ, if it
-  differs, becomes the runtime's τ (``KvzapRuntime.set_threshold``). Never inside a forward: every layer of one
-  forward decides with the same τ. A request straddling a change has its earlier window exits judged with the old
-  τ and its later ones with the new τ (each entry is judged once, paper Algorithm 1).
+* between forwards (BEFORE ``Scheduler.get_next_batch_to_run``, so admission matches prefixes at it too, and in
+  ``get_internal_state``): the watcher's τ, if it differs, becomes the runtime's τ (``KvzapRuntime.set_threshold``).
+  Never inside a forward: every layer of one forward decides with the same τ. A request straddling a change has its
+  earlier window exits judged with the old τ and its later ones with the new τ (each entry is judged once, paper
+  Algorithm 1).
 * ``/server_info``: ``internal_states[0]["kvzap_calibration"]`` (τ, its source, watcher and sink counters).
 
 With ``--kvzap-tenants``, each summary is filed under its request's tenant and every configured tenant has its own
@@ -328,7 +329,8 @@ def sample_before_release(req, tree_cache, *args, **kwargs):
 
 
 def apply_tau_before_batch(*args, **kwargs):
-    """BEFORE ``Scheduler.run_batch``: a τ seen by the watcher applies from this forward on."""
+    """BEFORE ``Scheduler.get_next_batch_to_run``: a τ seen by the watcher applies from this scheduler step on —
+    to the admission's prefix matches (whose back-off reads the τ) as well as to the forward that follows."""
     link, rt = _link, runtime.current()
     if link is not None and rt is not None:
         link.apply_tau(rt)
@@ -372,7 +374,9 @@ def register_serving_hooks(HookRegistry, HookType) -> None:
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
     HookRegistry.register(f"{configurator}._build_mha_kv_pool", start_after_pool_built, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", sample_before_release, HookType.BEFORE)
-    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch", apply_tau_before_batch, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", apply_tau_before_batch, HookType.BEFORE
+    )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state", add_internal_state, HookType.AFTER
     )

@@ -8,8 +8,10 @@
   always has its ``layers × kv_heads`` cells, so a forward can never run out of cells half-way (SGLang admits
   requests by ``available_size()`` before the forward writes anything). Pruning frees cells at once; freeing a slot
   frees whatever cells it still holds. Capacity in token-equivalents:
-  ``available_size() = min(free cells // (layers · kv_heads), free slots + slots of evictable cached prefixes)``;
-  when slots (not cells) run short, ``alloc`` has the radix cache evict leaves for slots (``slot_reclaimer``).
+  ``available_size() + evictable_size()`` (what SGLang admits by) ``= min(free + evictable cells // (layers ·
+  kv_heads), free slots + slots of evictable cached prefixes)``, the tokens allocatable after evicting every
+  unlocked cached prefix; when slots (not cells) run short, ``alloc`` has the radix cache evict leaves for slots
+  (``slot_reclaimer``).
 
 Sizing: ``--max-total-tokens N`` (or SGLang's memory-based size) buys exactly the memory of the stock pool,
 ``N · layers · kv_heads`` cells; the scheduler's total stays ``N`` so its idle invariant
@@ -118,6 +120,7 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
         self.deep_checks = os.environ.get("KVZAP_CHECK_INVARIANTS") == "1"
         self._changes = self._checked_at = 0
         self.idle_checks = 0
+        self.slot_reclaims = 0  # allocations that had the tree evict for slots (heavy pruning: slots run out first)
         super().__init__(size, dtype, device, kvcache, need_sort)
 
     def clear(self):
@@ -129,15 +132,34 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
     def free_slot_count(self) -> int:
         return len(self.free_pages) + len(self.release_pages)
 
+    def reclaimable_tokens(self) -> int:
+        """Tokens ``alloc`` could hand out once every evictable cached prefix were evicted: both the slots and the
+        cells of the free lists plus those prefixes bound it (a heavily pruned prefix holds many slots, few cells)."""
+        slots = self.free_slot_count() + self.store.group_slots[EVICTABLE]
+        cells = self.store.free_cells() + self.store.group_cells[EVICTABLE]
+        return min(slots, cells // self.entries_per_token)
+
+    def evictable_tokens(self) -> int:
+        """The radix cache's ``evictable_size``: its evictable cells in token-equivalents (rounded up, so that
+        ``available + evictable == total`` at idle), but never more than eviction can actually make allocatable."""
+        return min(-(-self.store.group_cells[EVICTABLE] // self.entries_per_token), self.reclaimable_tokens())
+
     def available_size(self):
-        reclaimable = self.free_slot_count() + self.store.group_slots[EVICTABLE]
-        return min(reclaimable, self.store.free_cells() // self.entries_per_token)
+        # SGLang admits by available + evictable (PrefillBudget) and evicts only the shortfall n - available before
+        # alloc(n), so the sum must be what can really be allocated: counting the evictable prefixes' slots here and
+        # their cells in evictable_size once admitted more than fits (allocation failed, the scheduler died).
+        # available <= free cells // entries_per_token always holds; only slots can be short, and alloc reclaims them.
+        return self.reclaimable_tokens() - self.evictable_tokens()
 
     def alloc(self, need_size: int):
-        if need_size > self.available_size():
+        # What fits now, not available_size(): after SGLang evicted n - available tokens' worth of cells the cells are
+        # there even where evictable_size's rounding keeps available_size one token lower.
+        reclaimable_slots = self.free_slot_count() + self.store.group_slots[EVICTABLE]
+        if need_size * self.entries_per_token > self.store.free_cells() or need_size > reclaimable_slots:
             return None
         short = need_size - self.free_slot_count()
         if short > 0 and self.slot_reclaimer is not None:
+            self.slot_reclaims += 1
             self.slot_reclaimer(short)
         slots = super().alloc(need_size)
         if slots is None:

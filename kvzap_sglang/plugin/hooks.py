@@ -104,4 +104,4 @@ def _room_for_a_waiting_request(rt: runtime.KvzapRuntime, scheduler) -> bool:
     tree = scheduler.tree_cache
     evictable = tree.evictable_size() if tree is not None and not getattr(tree, "disable", True) else 0
     shortest = min(len(req.origin_input_ids) for req in scheduler.waiting_queue)
-    return free // rt.store.config.entries_per_token + evictable >= shortest
+    return scheduler.token_to_kv_pool_allocator.available_size() + evictable >= shortest  # SGLang's admission figure

@@ -60,6 +60,10 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
             f"KVzap brings its own prefix cache (--radix-cache-backend {RADIX_CACHE_BACKEND}); got "
             f"--radix-cache-backend {server_values.get('radix_cache_backend')!r}"
         )
+    if server_values.get("enable_torch_compile"):
+        # On CPU this flag turns on SGLang's CPU graph capture, which replays decode batches padded with request
+        # row 0 through the attention backend: KVzap's per-request windows and compaction are not graph-safe.
+        raise KVzapConfigError("KVzap does not support --enable-torch-compile (decode graph capture)")
     if server_values.get("enable_hierarchical_cache"):
         raise KVzapConfigError("KVzap does not support --enable-hierarchical-cache (HiCache reloads give new slot ids)")
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None

@@ -7,9 +7,10 @@ events) with four changes:
 * **Cells, not tokens.** Tree nodes hold token slots whose entries KVzap prunes; a pruned entry is released once,
   and every request that reuses the prefix reads the same kept cells. The store tags the slots the tree holds
   (``EVICTABLE`` / ``PROTECTED``) and counts their cells as pruning frees them, and ``evictable_size`` /
-  ``protected_size`` report those cells in token-equivalents (``ceil(cells / (layers · kv_heads))``), the unit of the
-  allocator's ``available_size``. So SGLang's idle invariant ``available + evictable + protected == total`` holds
-  exactly, and ``evict(n)`` frees at least ``n`` tokens' worth of cells.
+  ``protected_size`` report those cells in token-equivalents (``ceil(cells / (layers · kv_heads))``, evictable capped
+  at what eviction can make allocatable), the unit of the allocator's ``available_size``. So SGLang's idle invariant
+  ``available + evictable + protected == total`` holds exactly, ``available + evictable`` (its admission figure) is
+  never more than can be allocated, and ``evict(n)`` frees at least ``n`` tokens' worth of cells.
 * **Matches that keep answers right** (``match_prefix`` backs off to a shorter prefix):
   1. the part of the match that falls in the request's own window (its last ``window`` tokens) must be intact —
      those entries would still be kept had the request computed them itself;
@@ -65,7 +66,7 @@ class KvzapRadixCache(RadixCache):
     # ------------------------------------------------------------------ sizes (token-equivalents of cells)
 
     def evictable_size(self) -> int:
-        return -(-self.store.group_cells[EVICTABLE] // self.entries_per_token)
+        return self.token_to_kv_pool_allocator.evictable_tokens()
 
     def protected_size(self) -> int:
         return -(-self.store.group_cells[PROTECTED] // self.entries_per_token)

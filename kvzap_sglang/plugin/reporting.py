@@ -84,11 +84,13 @@ def add_internal_state(original, self, *args, **kwargs):
     if rt is not None:
         state = rt.snapshot()
         store = rt.store
-        # Cells held by the prefix cache (radix tree) and the allocator's idle self-checks run so far.
+        # Cells held by the prefix cache (radix tree), the allocator's idle self-checks run so far, and how often it
+        # had the tree evict for virtual slots rather than cells.
         state["cells_cached"] = sum(store.group_cells[1:])
         state["slots_cached"] = sum(store.group_slots[1:])
         state["prefix_cache"] = type(self.tree_cache).__name__
         state["idle_checks"] = getattr(self.token_to_kv_pool_allocator, "idle_checks", 0)
+        state["slot_reclaims"] = getattr(self.token_to_kv_pool_allocator, "slot_reclaims", 0)
         if rt.tenants is not None:
             from kvzap_sglang.plugin.tenants import snapshot as tenants_snapshot
 

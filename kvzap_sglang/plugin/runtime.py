@@ -170,6 +170,10 @@ class KvzapRuntime:
         if table.thresholds[t] >= tau_max:
             return 0
         mine = (store.tenant.tag == t) & ~torch.isnan(store.slot_decided)
+        if self.windows is not None:
+            # A decided slot comes back into a live window when a later request reuses the prefix (the match only
+            # asks window entries to be intact): the window protects it again until it leaves.
+            mine &= self.windows.refs == 0
         mine[0] = False  # the padding slot
         tau, freed = retighten(store, mine.nonzero().squeeze(1), cells_needed, table.thresholds[t], tau_max)
         if tau > table.thresholds[t]:

@@ -12,7 +12,7 @@ variable               meaning                                                fl
 ``KVZAP_THRESHOLD``    τ (log-score); unset = KVzap off                       --kvzap-threshold
 ``KVZAP_SURROGATE``    ``linear`` | ``mlp`` (bundled for the model) | folder  --kvzap-surrogate
 ``KVZAP_WINDOW``       protected recent tokens per request (default 128)      --kvzap-window
-``KVZAP_NO_DECODE``    ``1`` = do not score decode tokens (they are kept)     --kvzap-no-decode
+``KVZAP_NO_DECODE``    ``1``/true/yes/on: decode tokens unscored (kept)       --kvzap-no-decode
 ``KVZAP_TENANTS``      tenants file (TOML, ``kvzap_sglang.tenants``)          --kvzap-tenants
 =====================  =====================================================  ================
 """
@@ -101,7 +101,7 @@ class KVzapSettings:
             threshold=parse_threshold(raw),
             surrogate=env.get(ENV_SURROGATE, DEFAULT_SURROGATE) or DEFAULT_SURROGATE,
             window=parse_window(env.get(ENV_WINDOW, str(DEFAULT_WINDOW))),
-            score_decode=env.get(ENV_NO_DECODE, "").strip() not in ("1", "true", "True"),
+            score_decode=not _parse_flag(env.get(ENV_NO_DECODE, ""), ENV_NO_DECODE),
             tenants=env.get(ENV_TENANTS) or None,
         )
 
@@ -109,6 +109,15 @@ class KVzapSettings:
 def clear_env() -> None:
     for key in ENV_VARS:
         os.environ.pop(key, None)
+
+
+def _parse_flag(text: str, name: str) -> bool:
+    value = text.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise KVzapConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {text!r}")
 
 
 def parse_threshold(text: str) -> float:
@@ -244,6 +253,15 @@ class CalibrationSettings:
                 f"kvzap redis url must look like redis://HOST:PORT/DB (schemes: {', '.join(REDIS_SCHEMES)}), "
                 f"got {self.redis_url!r}"
             )
+        # Checked here, not where the scheduler first connects (after the pool is built): a bad port or database
+        # would otherwise stop the server half-way through start-up, or (the database) be silently ignored.
+        try:
+            parts.port  # raises on a port that is not a number in 0..65535
+        except ValueError as error:
+            raise KVzapConfigError(f"kvzap redis url {self.redis_url!r}: {error}") from None
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not database.isdigit():
+            raise KVzapConfigError(f"kvzap redis url {self.redis_url!r}: the database must be a number, got {database!r}")
         if not isinstance(self.redis_prefix, str) or not 1 <= len(self.redis_prefix) <= 64:
             raise KVzapConfigError(f"kvzap redis prefix must be 1-64 characters, got {self.redis_prefix!r}")
         rate = self.sample_rate

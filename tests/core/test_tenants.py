@@ -42,6 +42,13 @@ def test_the_example_file_loads_with_default_first():
         ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold = -5.0\nthreshold_range = [-4.0, -2.0]\n", "outside"),
         ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [-4.0]\n", "threshold_range"),
         ('[tenants.acme]\nprefix_cache_group = "no spaces"\n', "should match pattern"),
+        # Strict types: a string, boolean or quoted number is a mistake in the file, not a value to coerce.
+        ('[tenants.acme]\nthreshold = "-4"\n', "valid number"),
+        ("[tenants.acme]\nthreshold = true\n", "valid number"),
+        ("[tenants.acme]\nwindow = true\n", "valid integer"),
+        ('[tenants.acme]\nkv_budget_tokens = "4096"\n', "valid integer"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [-4.0, true]\n", "valid number"),
+        ("[tenants.acme]\napi_key = 12345678\n", "valid string"),
     ],
 )
 def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):
@@ -54,6 +61,22 @@ def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):
 def test_a_missing_file_is_refused(tmp_path):
     with pytest.raises(TenantsConfigError, match="does not exist"):
         TenantsConfig.load(tmp_path / "nope.toml")
+
+
+def test_a_directory_or_binary_file_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(TenantsConfigError, match="cannot be read as TOML text"):
+        TenantsConfig.load(tmp_path)
+    binary = tmp_path / "tenants.toml"
+    binary.write_bytes(b"[tenants.acme]\nwindow = 4\n\xff\xfe")
+    with pytest.raises(TenantsConfigError, match="cannot be read as TOML text"):
+        TenantsConfig.load(binary)
+
+
+def test_integers_are_accepted_where_numbers_are_asked_for(tmp_path):
+    path = tmp_path / "tenants.toml"
+    path.write_text("[tenants.acme]\nthreshold = -3\nkv_budget_tokens = 9\nthreshold_range = [-4, -2]\n")
+    spec = TenantsConfig.load(path).tenants["acme"]
+    assert spec.threshold == -3.0 and spec.threshold_range == (-4.0, -2.0)
 
 
 def test_with_keys_the_key_decides_and_no_one_claims_another_tenant():

@@ -71,6 +71,7 @@ def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kv
         (dict(kvzap_threshold=-4, kvzap_surrogate="quadratic"), "linear|mlp"),
         (dict(kvzap_threshold=-4, kvzap_surrogate="linear", page_size=16), "page-size 1"),
         (dict(kvzap_threshold=-4, attention_backend="flashinfer"), "torch_native"),
+        (dict(kvzap_threshold=-4, enable_torch_compile=True), "enable-torch-compile"),
     ],
 )
 def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kvzap, smollm2_path, head0_surrogate, kwargs, message):
@@ -137,6 +138,15 @@ def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2
                   model_path=smollm2_path)  # fmt: skip
     assert args.radix_cache_backend == "kvzap" and not args.disable_radix_cache
     assert KVzapSettings.from_env() == KVzapSettings(-3.5, str(head0_surrogate), 128, score_decode=False)
+
+
+def test_the_no_decode_switch_in_the_environment_is_read_strictly():
+    base = {"KVZAP_THRESHOLD": "-4"}
+    assert KVzapSettings.from_env({**base, "KVZAP_NO_DECODE": "yes"}).score_decode is False
+    assert KVzapSettings.from_env({**base, "KVZAP_NO_DECODE": "0"}).score_decode is True
+    assert KVzapSettings.from_env(base).score_decode is True
+    with pytest.raises(KVzapConfigError, match="KVZAP_NO_DECODE must be"):
+        KVzapSettings.from_env({**base, "KVZAP_NO_DECODE": "sometimes"})
 
 
 def test_cli_without_kvzap_flags_is_stock(server_args_with_kvzap, smollm2_path):

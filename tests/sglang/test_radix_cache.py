@@ -155,3 +155,120 @@ def test_random_operations_keep_every_invariant(tree):
         _idle_invariant(tree)
     tree.evict(EvictParams(num_tokens=TOKENS))
     assert tree.store.used_cells() == 0 and allocator.available_size() == TOKENS
+
+
+def _admit_and_allocate(tree) -> None:
+    """SGLang admits up to ``available_size + evictable_size`` tokens (``PrefillBudget``) and allocates them with
+    ``alloc_token_slots`` (evicts the shortfall, then ``alloc``; raises "Out of memory" when that fails, which
+    kills the scheduler): the whole admission figure must be allocatable, and handing it back restores it."""
+    from sglang.srt.mem_cache.allocation import alloc_token_slots
+    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+    allocator = tree.token_to_kv_pool_allocator
+    admitted = PrefillBudget(allocator, tree).remaining_total
+    assert 0 <= allocator.available_size() <= tree.store.free_cells() // PER_TOKEN
+    if admitted == 0:
+        return
+    slots = alloc_token_slots(tree, admitted)
+    assert slots.numel() == admitted
+    allocator.free(slots)
+    tree.store.check_invariants()
+
+
+def test_the_admission_figure_is_allocatable_when_slots_run_short(tree):
+    """Live requests lock heavily pruned prefixes (many slots, few cells): slots, not cells, bound what fits.
+    An evictable cached prefix's slots must not be counted twice (once in available_size, once in evictable_size)."""
+    allocator, store = tree.token_to_kv_pool_allocator, tree.store
+    locked = []
+    for base, n in ((100, 64), (200, 64), (300, 64), (400, 62)):  # 254 of the 256 virtual slots, every entry pruned
+        tokens = list(range(base, base + n))
+        slots = _insert(tree, tokens)
+        node = _match(tree, tokens).last_device_node
+        tree.inc_lock_ref(node)
+        locked.append(node)
+        store.prune_mask(0, slots, torch.ones(n, HEADS, dtype=torch.bool))
+        store.prune_mask(1, slots, torch.ones(n, HEADS, dtype=torch.bool))
+    _insert(tree, [900, 901])  # one evictable cached prefix, intact: 2 slots, 12 cells
+    assert allocator.free_slot_count() == 0 and tree.evictable_size() == 2
+    assert allocator.available_size() + tree.evictable_size() == 2  # the 2 slots, once
+    _admit_and_allocate(tree)
+    for node in locked:
+        tree.dec_lock_ref(node)
+    _idle_invariant(tree)
+
+
+def test_the_admission_figure_is_allocatable_at_the_rounding_edge(tree):
+    """Cells of running requests freed by pruning and an evictable prefix's cells that are not a multiple of a
+    token's: rounding the evictable size up must not promise a token that is not there."""
+    allocator, store = tree.token_to_kv_pool_allocator, tree.store
+    live = allocator.alloc(TOKENS - 1)  # running requests: every token but one
+    cached = _insert(tree, [900])  # the last token's cells, cached and evictable
+    store.prune_mask(0, live[:1], torch.tensor([[True, True, False]]))  # pruning frees 2 live cells
+    store.prune_mask(0, cached, torch.tensor([[True, True, True]]))
+    store.prune_mask(1, cached, torch.tensor([[True, False, False]]))  # the cached token keeps 2 cells
+    assert store.free_cells() == 6 and store.group_cells[1] == 2
+    _admit_and_allocate(tree)  # 8 cells: one token, not two
+    allocator.free(live)
+    _idle_invariant(tree)
+
+
+def test_random_pressure_never_admits_more_than_fits(tree):
+    """Random live requests (locked prefixes of random tokens) and pruning at random rates, the admission figure
+    checked after every step; at the end everything comes back."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    rng = random.Random(1)
+    allocator, store = tree.token_to_kv_pool_allocator, tree.store
+    live: list = []
+    for step in range(300):
+        op = rng.random()
+        if op < 0.45:
+            tokens = [rng.randrange(1000, 1100) for _ in range(rng.randint(1, 40))]
+            if len(tokens) > allocator.available_size():
+                tree.evict(EvictParams(num_tokens=len(tokens) - allocator.available_size()))
+            if len(tokens) <= allocator.available_size():
+                slots = _insert(tree, tokens)
+                rate = rng.choice([0.0, 0.5, 0.9, 1.0])
+                for layer in range(LAYERS):
+                    mask = torch.rand(len(tokens), HEADS, generator=torch.Generator().manual_seed(step * 7 + layer))
+                    store.prune_mask(layer, slots, mask < rate)
+                node = _match(tree, tokens).last_device_node
+                tree.inc_lock_ref(node)
+                live.append(node)
+        elif op < 0.75 and live:
+            tree.dec_lock_ref(live.pop(rng.randrange(len(live))))
+        elif op < 0.85:
+            tree.evict(EvictParams(num_tokens=rng.randint(1, 20)))
+        _admit_and_allocate(tree)
+    for node in live:
+        tree.dec_lock_ref(node)
+    _idle_invariant(tree)
+
+
+def test_tightening_leaves_a_reused_prefix_inside_a_live_window_alone(tree):
+    """A slot decided (kept) by one request comes back into the window of a later request that reuses the prefix:
+    tighten-before-queueing judges decided entries again, but never those a live window protects."""
+    from kvzap_sglang.plugin import runtime
+    from kvzap_sglang.plugin.tenants import TenantTable
+
+    rt, store = runtime.current(), tree.store
+    rt.tenants = TenantTable(names=["default"], thresholds=[0.0], windows=[WINDOW], budget_cells=[None],
+                             row_tenant=torch.zeros(8, dtype=torch.int64), base_thresholds=[0.0],
+                             ranges=[(0.0, 2.0)], entries_reserved=[0], entries_pruned=[0], queued=[0], running=[0],
+                             held_back=[0], refused=[0], tightenings=[0], entries_pruned_tightening=[0])  # fmt: skip
+    slots = tree.token_to_kv_pool_allocator.alloc(10)
+    store.slot_scores[slots] = 1.0  # above τ 0: kept when decided, freed by a tightening to τ 2
+    # Request A (row 0), 10 tokens: positions 0..5 leave its window and are decided at τ 0 (all kept).
+    store.slot_decided[rt.windows.advance(torch.tensor([0]), slots[None], torch.tensor([10]))] = 0.0
+    rt.windows.release(0, slots)
+    # Request B (row 1) reuses positions 0..5 and adds one token: its window covers positions 3..6.
+    b_slots = torch.cat([slots[:6], tree.token_to_kv_pool_allocator.alloc(1)])
+    rt.windows.advance(torch.tensor([1]), b_slots[None], torch.tensor([7]))
+    freed = rt.tighten_tenant(0, 10_000)
+    assert freed == 3 * PER_TOKEN  # positions 0..2 only
+    assert store.slot_cells[b_slots[:3]].tolist() == [0, 0, 0]
+    assert store.slot_cells[b_slots[3:]].tolist() == [PER_TOKEN] * 4  # B's window: intact
+    rt.windows.release(1, b_slots)
+    rt.tenants = None
+    tree.token_to_kv_pool_allocator.free(torch.cat([slots, b_slots[6:]]))
+    store.check_invariants()

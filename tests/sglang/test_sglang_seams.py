@@ -104,7 +104,7 @@ OWN_METHODS = {
     KvzapRadixCache: {"usable_prefix_len", "_insertable_len", "_namespaced", "_path_nodes", "_tag", "evict_slots",
                       "evict_tenant", "_evict_until"},  # fmt: skip
     KvzapCellPool: {"_layer", "_dense_buffers_absent"},
-    KvzapSlotAllocator: {"free_slot_count", "_deep_check"},
+    KvzapSlotAllocator: {"free_slot_count", "reclaimable_tokens", "evictable_tokens", "_deep_check"},
     KvzapOutputStreamer: set(),
     KvzapTorchAttnBackend: {"__init__", "_forward", "_dense"},  # AttentionBackend has no constructor of its own
     KvzapFlashInferAttnBackend: set(),
