@@ -23,10 +23,24 @@ class TooFewSamplesError(CalibrationError):
 
 
 class TargetUnreachableError(CalibrationError):
+    """No τ gets within the tolerance of the target: it lies outside the achievable range, or — ``gap`` = the
+    closest achievable fractions below and above it — in a jump of the mean curve (scores cluster around it)."""
+
     code = "target_unreachable"
 
-    def __init__(self, target: float, achievable_min: float, achievable_max: float, protected: float) -> None:
+    def __init__(
+        self, target: float, achievable_min: float, achievable_max: float, protected: float,
+        gap: tuple[float, float] | None = None,
+    ) -> None:
         self.target, self.achievable_min, self.achievable_max = target, achievable_min, achievable_max
+        self.gap = gap
+        if gap is not None:
+            super().__init__(
+                f"target removed fraction {target:.4f} is not achievable on these requests: the sampled scores leave "
+                f"a gap around it, the closest mean removed fractions a threshold on the bin layout gives are "
+                f"{gap[0]:.4f} and {gap[1]:.4f}"
+            )
+            return
         reason = (
             f"; the protected window alone keeps {protected:.3f} of the entries on average"
             if target > achievable_max

@@ -58,6 +58,13 @@ def choose_edge(mean_curve: np.ndarray, target: float) -> int:
     return int(plateau[len(plateau) // 2])
 
 
+def gap_around(mean_curve: np.ndarray, target: float) -> tuple[float, float]:
+    """The closest achievable mean fractions below and above ``target`` (inside the achievable range)."""
+    below = mean_curve.max(where=mean_curve <= target, initial=mean_curve[0])  # the curve is non-decreasing
+    above = mean_curve.min(where=mean_curve >= target, initial=mean_curve[-1])
+    return float(below), float(above)
+
+
 def bootstrap_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     """``[resamples]`` means of ``values`` ``[N]`` resampled with replacement (seeded).
 
@@ -102,7 +109,8 @@ def fit_threshold(
     Raises:
         InvalidTargetError: target outside [0, 1).
         TooFewSamplesError: fewer than ``min_samples`` requests.
-        TargetUnreachableError: no edge gets within ``tolerance`` of the target (message says what is achievable).
+        TargetUnreachableError: no edge gets within ``tolerance`` of the target (message says what is achievable):
+            outside the achievable range, or in a gap of the mean curve inside it.
     """
     if not 0.0 <= target_ratio < 1.0:
         raise InvalidTargetError(f"target_ratio must be in [0, 1), got {target_ratio}")
@@ -116,6 +124,9 @@ def fit_threshold(
     if target_ratio < low - tolerance or target_ratio > high + tolerance:
         raise TargetUnreachableError(target_ratio, low, high, 1.0 - curves.mean_removable())
     edge = choose_edge(mean_curve, target_ratio)
+    if abs(mean_curve[edge] - target_ratio) > tolerance + 1e-12:  # slack: as lenient as the range check's rounding
+        gap = gap_around(mean_curve, target_ratio)
+        raise TargetUnreachableError(target_ratio, low, high, 1.0 - curves.mean_removable(), gap)
     ratios = curves.ratios_at(edge)
     totals = curves.total_entries()
     means = bootstrap_means(ratios, bootstrap_resamples, seed)

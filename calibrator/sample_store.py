@@ -30,7 +30,7 @@ import redis
 from calibrator.bins import NUM_EDGES
 from calibrator.curves import InMemoryCurves
 from calibrator.errors import StoreUnavailableError
-from calibrator.series import SeriesKey, unavailable
+from calibrator.series import SeriesKey, decode_members, unavailable
 from calibrator.summary import ScoreSummary
 
 QUANTUM = 65535  # uint16 full scale for a fraction in [0, 1]
@@ -140,6 +140,17 @@ class StoredCurves:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def _stored_int(value: bytes | None, key: str) -> int:
+    """An integer read back from ``key`` (absent = 0). Anything else is foreign or corrupt data under the prefix:
+    refused with the key named, as ``SampleStore._check_types`` does; skipping it would silently bias a fit."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise StoreUnavailableError(
+            f"key {key} holds {value!r} where an integer is expected (foreign or corrupt data); nothing was written"
+        ) from None
+
+
 class SampleStore:
     """Ingest summaries and serve fit data, in Redis under ``prefix``."""
 
@@ -172,12 +183,14 @@ class SampleStore:
         for series in rows:  # immediate-mode reads under WATCH
             pipe.watch(self.keys.segs(series), self.keys.meta(series), self.keys.raw(series))
             self._check_types(pipe, series)
-            segment_ids = [int(x) for x in pipe.lrange(self.keys.segs(series), 0, -1)]
-            next_sid = int(pipe.hget(self.keys.meta(series), "next_sid") or 0)
+            segs, meta = self.keys.segs(series), self.keys.meta(series)
+            segment_ids = [_stored_int(x, segs) for x in pipe.lrange(segs, 0, -1)]
+            next_sid = _stored_int(pipe.hget(meta, "next_sid"), meta)
             open_count = 0
             if segment_ids:
-                pipe.watch(f"{self.keys.seg(series, segment_ids[-1])}:sum")
-                open_count = int(pipe.hget(f"{self.keys.seg(series, segment_ids[-1])}:sum", "n") or 0)
+                open_sum = f"{self.keys.seg(series, segment_ids[-1])}:sum"
+                pipe.watch(open_sum)
+                open_count = _stored_int(pipe.hget(open_sum, "n"), open_sum)
             plans[series] = (segment_ids, next_sid, open_count)
         pipe.multi()
         for series, data in rows.items():
@@ -245,7 +258,7 @@ class SampleStore:
         """Every series that has stored samples (expired ones are pruned from the index lazily)."""
         try:
             members = self.client.smembers(self.keys.series_set())
-            series = sorted((SeriesKey.decode(m) for m in members), key=SeriesKey.sort_key)
+            series = sorted(decode_members(members, self.keys.series_set()), key=SeriesKey.sort_key)
             alive = self._alive(series)
         except redis.RedisError as error:
             raise unavailable(error) from error
@@ -273,7 +286,8 @@ class SampleStore:
             listing = self.client.pipeline(transaction=False)
             for s in wanted:
                 listing.lrange(self.keys.segs(s), 0, -1)
-            bases = [self.keys.seg(s, int(sid)) for s, ids in zip(wanted, listing.execute()) for sid in ids]
+            bases = [self.keys.seg(s, _stored_int(sid, self.keys.segs(s)))
+                     for s, ids in zip(wanted, listing.execute()) for sid in ids]
             snapshot = self.client.pipeline(transaction=True)  # one MULTI: sums of all segments at one instant
             for base in bases:
                 snapshot.hgetall(f"{base}:sum")
@@ -283,11 +297,12 @@ class SampleStore:
         sums = np.zeros(NUM_EDGES, dtype=np.int64)
         segments, removable = [], 0
         for base, fields in zip(bases, sums_per_segment):
-            n = int(fields.get(b"n", 0))
+            n = _stored_int(fields.get(b"n"), f"{base}:sum")
             if n == 0:
                 continue  # expired segment still listed
-            sums += np.array([int(fields.get(str(k).encode(), 0)) for k in range(NUM_EDGES)], dtype=np.int64)
-            removable += int(fields.get(b"removable", 0))
+            sums += np.array([_stored_int(fields.get(str(k).encode()), f"{base}:sum") for k in range(NUM_EDGES)],
+                             dtype=np.int64)
+            removable += _stored_int(fields.get(b"removable"), f"{base}:sum")
             segments.append((base, n))
         return StoredCurves(self.client, segments, sums, removable)
 

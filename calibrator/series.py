@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -11,6 +13,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from calibrator.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
 
 _NO_TENANT = "*"  # never produced by quote(..., safe=""), so it cannot collide with a tenant name
 
@@ -27,8 +31,14 @@ class SeriesKey:
 
     @classmethod
     def decode(cls, encoded: str | bytes) -> SeriesKey:
-        text = encoded.decode() if isinstance(encoded, bytes) else encoded
-        model, task, tenant = text.split(":")
+        """Inverse of ``encode``; ValueError (naming the input) for anything ``encode`` cannot have produced."""
+        try:
+            text = encoded.decode() if isinstance(encoded, bytes) else encoded
+            model, task, tenant = text.split(":")
+        except ValueError:  # UnicodeDecodeError is one too
+            raise ValueError(f"{encoded!r} is not an encoded series key (model:task:tenant)") from None
+        if not model or not task or not tenant:
+            raise ValueError(f"{encoded!r} is not an encoded series key (model:task:tenant)")
         return cls(unquote(model), unquote(task), None if tenant == _NO_TENANT else unquote(tenant))
 
     def sort_key(self) -> tuple[str, str, str]:
@@ -57,6 +67,18 @@ def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
     for start in range(0, len(keys), batch):
         client.unlink(*keys[start : start + batch])
     return len(keys)
+
+
+def decode_members(members: Iterable[bytes], where: str) -> list[SeriesKey]:
+    """The series keys among ``members``; foreign or corrupt ones are logged and skipped, not deleted: one bad
+    member must not take every listing and fit down, and what is not ours is not ours to remove."""
+    series = []
+    for member in members:
+        try:
+            series.append(SeriesKey.decode(member))
+        except ValueError as error:
+            log.warning("skipping a member of %s: %s", where, error)
+    return series
 
 
 def unavailable(error: redis.RedisError) -> StoreUnavailableError:

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Literal
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from calibrator.errors import ThresholdNotFoundError
 from calibrator.series import SeriesKey, unavailable
+
+log = logging.getLogger(__name__)
 
 
 class ThresholdRecord(BaseModel):
@@ -28,6 +31,16 @@ class ThresholdRecord(BaseModel):
     @property
     def series(self) -> SeriesKey:
         return SeriesKey(self.model, self.task, self.tenant)
+
+
+def parse_record(raw: bytes, field: str) -> ThresholdRecord | None:
+    """The record in ``raw``, or None (logged) when it is not one: foreign or corrupt data under the prefix is
+    treated as absent — left in place, skipped by listings, replaced by the next PUT or calibration."""
+    try:
+        return ThresholdRecord.model_validate_json(raw)
+    except ValidationError as error:
+        log.warning("ignoring the unreadable threshold record %r: %s", field, error)
+        return None
 
 
 class ThresholdStore:
@@ -49,7 +62,11 @@ class ThresholdStore:
             raise unavailable(error) from error
         if raw is None:
             raise ThresholdNotFoundError(f"no threshold stored for {series}")
-        return ThresholdRecord.model_validate_json(raw)
+        record = parse_record(raw, series.encode())
+        if record is None:
+            raise ThresholdNotFoundError(f"the threshold stored for {series} is unreadable (foreign or corrupt data); "
+                                         "store a new one to replace it")
+        return record
 
     def resolve(self, model: str, task: str, tenant: str | None = None) -> ThresholdRecord:
         """The tenant's own τ when there is one, else the (model, task) τ."""
@@ -58,16 +75,17 @@ class ThresholdStore:
             raws = self.client.hmget(self.hash_key, [c.encode() for c in candidates])
         except redis.RedisError as error:
             raise unavailable(error) from error
-        for raw in raws:
-            if raw is not None:
-                return ThresholdRecord.model_validate_json(raw)
+        for candidate, raw in zip(candidates, raws):
+            record = None if raw is None else parse_record(raw, candidate.encode())
+            if record is not None:
+                return record
         raise ThresholdNotFoundError(f"no threshold stored for {candidates[0]} or its (model, task)")
 
     def list(self, model: str | None = None, task: str | None = None) -> list[ThresholdRecord]:
         try:
-            raws = self.client.hvals(self.hash_key)
+            entries = self.client.hgetall(self.hash_key)
         except redis.RedisError as error:
             raise unavailable(error) from error
-        records = [ThresholdRecord.model_validate_json(raw) for raw in raws]
+        records = [r for field, raw in entries.items() if (r := parse_record(raw, field.decode(errors="replace")))]
         keep = [r for r in records if (model is None or r.model == model) and (task is None or r.task == task)]
         return sorted(keep, key=lambda r: r.series.sort_key())

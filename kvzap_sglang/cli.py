@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +47,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         mlp=MLPSettings(epochs=args.epochs, lr=args.lr, seed=args.seed),
     )
-    if settings.mlp.epochs < 1 or settings.mlp.lr <= 0:
-        raise UsageError("--epochs must be >= 1 and --lr > 0")
+    # Everything is checked here: training takes minutes, and a bad flag must not cost them (or their result).
+    if settings.mlp.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if not (math.isfinite(settings.mlp.lr) and settings.mlp.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    _check_out_folder(settings.out)
     _limit_threads()
     metrics = train_surrogate(settings)
     held = metrics["held_out"]
@@ -54,6 +60,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"held-out R² (squared Pearson) mean over (layer, head): {held['r2_mean']:.3f}; train {metrics['train']['r2_mean']:.3f}")
     print("held-out R² per layer: " + " ".join(f"{value:.2f}" for value in held["r2_per_layer"]))
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that save_pretrained could not create or write into (it runs only after training)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} cannot be created: {existing} is not a writable folder")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -79,8 +94,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _limit_threads()
     surrogate = KVzapSurrogate.from_pretrained(surrogate_path)
     model_path = resolve_model_path(args.model)
-    shape = AttentionShape.of(AutoConfig.from_pretrained(model_path, local_files_only=True))
+    model_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    shape = AttentionShape.of(model_config)
     surrogate.check_fits(shape.num_layers, shape.hidden_size, shape.num_kv_heads, what=str(model_path))  # before loading
+    context = _context_length(model_config)
+    if args.prompt_file is None and context is not None and args.tokens > context:
+        # A prompt past the context is meaningless, and a huge one gets the process killed for memory.
+        raise UsageError(f"--tokens must be <= {context} (the context length of {args.model}), got {args.tokens}")
     started = time.perf_counter()
     ref = load_reference_model(str(model_path), dtype=getattr(torch, args.dtype))
     if args.prompt_file is not None:
@@ -93,6 +113,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         prompt = make_prompt(args.task, ref.tokenizer, args.tokens, args.seed)
         source = f"{args.task}, {prompt.num_tokens} tokens, seed {args.seed}"
     input_ids = torch.tensor(ref.tokenizer(prompt.render_chat(ref.tokenizer), add_special_tokens=False)["input_ids"])
+    if context is not None and input_ids.numel() > context:
+        raise UsageError(
+            f"prompt ({source}) is {input_ids.numel()} tokens with the chat template, "
+            f"more than the context length {context} of {args.model}"
+        )
     loaded = time.perf_counter()
     scores = score_tokens(ref.model, surrogate, input_ids)  # [L, H, T]
     keep = keep_mask(scores, threshold, args.window)
@@ -119,6 +144,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context_length(model_config) -> int | None:
+    """``max_position_embeddings`` when the config states a usable one, else ``None`` (no bound is known)."""
+    value = getattr(model_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _surrogate_and_threshold(args: argparse.Namespace) -> tuple[Path, float]:
     """Resolve ``--surrogate`` (kind or folder) and ``--threshold`` (default: the bundled checkpoint's τ)."""
     from kvzap_sglang.surrogate import BUNDLED_CHECKPOINTS, bundled_checkpoint
@@ -137,8 +168,9 @@ def _surrogate_and_threshold(args: argparse.Namespace) -> tuple[Path, float]:
     threshold = args.threshold if args.threshold is not None else default_threshold
     if threshold is None:
         raise UsageError("no default threshold for this surrogate: pass --threshold")
-    if threshold != threshold:
-        raise UsageError("--threshold must be a number")
+    # Finite, as the server's KVzapSettings requires: τ = ±inf keeps or drops everything outside the window.
+    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold!r}")
     return path, float(threshold)
 
 

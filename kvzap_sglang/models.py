@@ -76,13 +76,27 @@ def _check_hf_folder(path: Path) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelNotFoundError(f"{path} has no config.json: it is not a Hugging Face model folder")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+    config = _read_config(config_file)
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ModelNotFoundError(f"{config_file}: architectures must be a list, got {architectures!r}")
+    if not set(map(str, architectures)) & set(SUPPORTED_ARCHITECTURES):
         raise ModelNotFoundError(
             f"{path}: architecture {architectures} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if not any(path.glob("*.safetensors")):
         raise ModelNotFoundError(f"{path} holds no *.safetensors weights")
+
+
+def _read_config(config_file: Path) -> dict:
+    # A broken config.json must read as "not a model folder", not as a JSON or attribute traceback.
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelNotFoundError(f"{config_file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{config_file} holds a JSON {type(config).__name__}, not an object: not a model config")
+    return config
 
 
 def _gguf_location(model: EmbeddedModel) -> Path:

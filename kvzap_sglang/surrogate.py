@@ -46,17 +46,27 @@ class KVzapConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "config") -> KVzapConfig:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("model_type") != "kvzap":
             raise CheckpointError(f"{source}: model_type is {data.get('model_type')!r}, expected 'kvzap'")
-        try:
-            return cls(
-                input_dim=int(data["input_dim"]),
-                output_dim=int(data["output_dim"]),
-                n_modules=int(data["n_modules"]),
-                hidden_dim=None if data.get("hidden_dim") is None else int(data["hidden_dim"]),
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"{source}: missing field {missing}") from None
+        for name in ("input_dim", "output_dim", "n_modules"):
+            if name not in data:
+                raise CheckpointError(f"{source}: missing field {name!r}")
+        return cls(
+            input_dim=_dimension(data, "input_dim", source),
+            output_dim=_dimension(data, "output_dim", source),
+            n_modules=_dimension(data, "n_modules", source),
+            hidden_dim=None if data.get("hidden_dim") is None else _dimension(data, "hidden_dim", source),
+        )
+
+
+def _dimension(data: dict, name: str, source: str) -> int:
+    # Strict: int() would turn 16.7 into 16 and True into 1, and a size < 1 only fails later inside torch.
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: {name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _layer_module(config: KVzapConfig) -> nn.Module:
@@ -121,31 +131,60 @@ class KVzapSurrogate(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> KVzapSurrogate:
-        """Load a kvpress-layout folder; any key, shape or dtype mismatch raises :class:`CheckpointError`."""
-        from safetensors.torch import load_file
-
+        """Load a kvpress-layout folder; any malformed file, key, shape, dtype or non-finite weight raises
+        :class:`CheckpointError` (a ``ValueError``) naming the file."""
         path = Path(path)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} does not exist: not a KVzap checkpoint folder")
-        config = KVzapConfig.from_json(json.loads((path / CONFIG_FILE).read_text()), str(path / CONFIG_FILE))
-        surrogate = cls(config)
-        tensors = load_file(str(path / WEIGHTS_FILE))
-        expected = surrogate.state_dict()
+        config = KVzapConfig.from_json(_read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
+        tensors = _read_tensors(path / WEIGHTS_FILE)
+        expected = _expected_tensors(cls, config, path / CONFIG_FILE)
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise CheckpointError(
-                f"{path}: weights do not match a {config.kind} KVzap layout "
+                f"{path / WEIGHTS_FILE}: weights do not match a {config.kind} KVzap layout "
                 f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                 f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})"
             )
         for name, value in tensors.items():
+            where = f"{path / WEIGHTS_FILE}: {name}"
             if value.shape != expected[name].shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+                raise CheckpointError(f"{where} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
             if not value.is_floating_point():
-                raise CheckpointError(f"{path}: {name} has dtype {value.dtype}, expected a float tensor")
+                raise CheckpointError(f"{where} has dtype {value.dtype}, expected a float tensor")
+            # A NaN/inf weight makes every score NaN/inf, and the policy then silently keeps or drops everything.
+            if not torch.isfinite(value).all():
+                raise CheckpointError(f"{where} holds NaN or infinite values")
+        surrogate = cls(config)
         surrogate.load_state_dict({name: value.float() for name, value in tensors.items()})
         return surrogate.eval()
+
+
+def _expected_tensors(cls: type[KVzapSurrogate], config: KVzapConfig, source: Path) -> dict[str, torch.Tensor]:
+    # Shapes only, on the meta device: absurd sizes in config.json must not be allocated before the check.
+    try:
+        with torch.device("meta"):
+            return cls(config).state_dict()
+    except RuntimeError as error:
+        raise CheckpointError(f"{source}: dimensions {config} are too large ({error})") from None
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file}: not valid JSON ({error})") from None
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
 
 
 def _cast_copy(layer: nn.Module, like: torch.Tensor) -> nn.Module:

@@ -26,10 +26,13 @@ class CalibrateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=MODEL_PATTERN)
     task: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=LABEL_PATTERN)
-    target_ratio: float = Field(ge=0.0, lt=1.0, description="target mean removed fraction, in [0, 1)")
+    # NaN / Infinity parse as JSON numbers in Python but are no target: "finite number" says why they are refused.
+    target_ratio: float = Field(
+        ge=0.0, lt=1.0, allow_inf_nan=False, description="target mean removed fraction, in [0, 1)"
+    )
     tenant: str | None = Field(None, min_length=1, max_length=MAX_LABEL_LENGTH, pattern=LABEL_PATTERN)
     min_samples: int | None = Field(None, ge=1, le=10_000_000)
-    confidence: float = Field(0.95, ge=0.5, le=0.999)
+    confidence: float = Field(0.95, ge=0.5, le=0.999, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
@@ -48,6 +51,18 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body / query / path, then field names and list indexes")
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """422 for a request that does not match the schema; ``detail`` joins every ``loc: msg``."""
+
+    errors: list[FieldError]
+
+
 class Health(BaseModel):
     status: str
     redis: str
@@ -58,5 +73,6 @@ ERROR_RESPONSES = {
     401: {"model": ErrorBody, "description": "missing or invalid X-API-Key"},
     403: {"model": ErrorBody, "description": "the key's tenant does not own this entry"},
     413: {"model": ErrorBody, "description": "body or batch over the configured limits"},
+    422: {"model": ValidationErrorBody, "description": "request does not match the schema"},
     503: {"model": ErrorBody, "description": "Redis unavailable; nothing was written"},
 }

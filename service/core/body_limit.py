@@ -1,10 +1,13 @@
-"""Refuses request bodies over a byte budget with 413 before any parsing (pure ASGI, memory bounded by it)."""
+"""Refuses request bodies over a byte budget with 413 before any parsing (pure ASGI, memory bounded by it), and a
+Content-Length that is not a number with 400."""
 
 from __future__ import annotations
 
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core.errors import error_body
 
 
 class BodySizeLimit:
@@ -17,8 +20,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._too_large(send, f"declared Content-Length {declared.decode(errors='replace')!r}")
+        if declared is not None and not declared.isdigit():  # malformed, not large: the client's framing is wrong
+            await _refuse(send, 400, "bad_request",
+                          f"Content-Length {declared.decode(errors='replace')!r} is not a non-negative integer")
+            return
+        if declared is not None and int(declared) > self.max_bytes:
+            await self._too_large(send, f"declared Content-Length {declared.decode()!r}")
             return
         chunks, size, more = [], 0, True
         while more:  # read (and bound) the whole body here, then replay it to the app
@@ -45,9 +52,12 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send, what: str) -> None:
-        payload = json.dumps(
-            {"error": "payload_too_large", "detail": f"{what} exceeds the limit of {self.max_bytes} bytes"}
-        ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await _refuse(send, 413, "payload_too_large", f"{what} exceeds the limit of {self.max_bytes} bytes")
+
+
+async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
+    """The project's error body, sent before the app (and its exception handlers) sees the request."""
+    payload = json.dumps(error_body(code, detail)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from calibrator.sample_store import StoreLimits
 from calibrator.summary import LABEL_PATTERN, MODEL_PATTERN
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KVZAP_", extra="ignore")
+    # hide_input_in_errors: a refused setting's error must not print the API keys (or a URL's password) to the log.
+    model_config = SettingsConfigDict(env_prefix="KVZAP_", extra="ignore", hide_input_in_errors=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("kvzap:", min_length=1, max_length=64)
@@ -41,13 +45,45 @@ class Settings(BaseSettings):
     bootstrap_resamples: int = Field(1000, ge=10, le=100_000)
     tolerance: float = Field(0.01, ge=0, lt=1)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        """Checked here, not at the first connect: a typo must stop the start-up with the setting's name."""
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"KVZAP_REDIS_URL must be a redis://, rediss:// or unix:// URL, got scheme {scheme!r}")
+        try:
+            parse_url(value)  # redis-py's own parser: what it refuses (a non-numeric port, …) is refused now
+        except ValueError as error:
+            raise ValueError(f"KVZAP_REDIS_URL is not a valid Redis URL: {error}") from None
+        return value
+
+    @field_validator("admin_api_keys")
+    @classmethod
+    def _admin_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for number, key in enumerate(value):
+            _check_key(key.get_secret_value(), f"admin key #{number + 1}")
+        return value
+
     @field_validator("tenant_api_keys")
     @classmethod
     def _tenant_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for tenant in value.values():
+        for key, tenant in value.items():
             if not re.fullmatch(LABEL_PATTERN, tenant):
                 raise ValueError(f"tenant name {tenant!r} must match {LABEL_PATTERN}")
+            _check_key(key, f"the key of tenant {tenant!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_role_per_key(self) -> Settings:
+        """A key in both lists would act as admin (deps._identify): the tenant restriction meant for it would
+        silently not apply."""
+        admins = {key.get_secret_value() for key in self.admin_api_keys}
+        both = sorted(tenant for key, tenant in self.tenant_api_keys.items() if key in admins)
+        if both:
+            raise ValueError(f"the key of tenant(s) {both} is also listed in KVZAP_ADMIN_API_KEYS; give every key "
+                             "one role (admin or one tenant)")
+        return self
 
     @field_validator("known_models")
     @classmethod
@@ -66,5 +102,17 @@ class Settings(BaseSettings):
         )
 
 
+def _check_key(key: str, what: str) -> None:
+    """Never prints the key. Header values arrive stripped and an empty one means "no key", so such a key could
+    never authenticate anyone: a configuration mistake, refused."""
+    if not key or key != key.strip():
+        raise ValueError(f"{what} is empty or starts or ends with whitespace")
+
+
 def load_settings() -> Settings:
-    return Settings(_env_file=os.environ.get("KVZAP_ENV_FILE"))
+    """Settings from the environment and, when KVZAP_ENV_FILE is set (non-empty), that file, which must exist:
+    pydantic-settings skips a missing env file silently, so a typo in its path would drop every setting in it."""
+    env_file = os.environ.get("KVZAP_ENV_FILE") or None
+    if env_file is not None and not Path(env_file).is_file():
+        raise FileNotFoundError(f"KVZAP_ENV_FILE={env_file!r}: no such file (unset KVZAP_ENV_FILE to use none)")
+    return Settings(_env_file=env_file)

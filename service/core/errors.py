@@ -5,6 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,13 +65,26 @@ def _status_of(error: CalibrationError) -> int:
 
 def _extra(error: Exception) -> dict:
     if isinstance(error, TargetUnreachableError):
-        return {"achievable_min": error.achievable_min, "achievable_max": error.achievable_max}
+        gap = {} if error.gap is None else {"closest_below": error.gap[0], "closest_above": error.gap[1]}
+        return {"achievable_min": error.achievable_min, "achievable_max": error.achievable_max, **gap}
     if isinstance(error, TooFewSamplesError):
         return {"available": error.available, "required": error.required}
     return {}
 
 
+def validation_errors(error: RequestValidationError) -> list[dict]:
+    """Where and why, without pydantic's echo of the input: the input may be NaN or Infinity (which Starlette
+    cannot serialise, a 500 instead of the 422) or megabytes of body; ``loc`` already points at the value."""
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = validation_errors(error)
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        return JSONResponse(error_body("invalid_request", detail, errors=errors), status_code=422)
+
     @app.exception_handler(ServiceError)
     async def _service(request: Request, error: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "ApiKey"} if isinstance(error, UnauthorizedError) else None

@@ -94,3 +94,29 @@ def test_levelled_bootstrap_agrees_with_exact_resampling(monkeypatch):
     assert abs(levelled.mean() - values.mean()) < 0.3 * standard_error
     assert abs(exact.mean() - values.mean()) < 0.3 * standard_error
     assert 0.85 < levelled.std() / standard_error < 1.15 and 0.85 < exact.std() / standard_error < 1.15
+
+
+def _constant_requests(n, scores_per_cluster):
+    """``n`` requests whose entries sit on the given scores, equally many on each: a mean curve of steps."""
+    scores = np.repeat(np.array(scores_per_cluster, dtype=np.float32), 100)
+    return InMemoryCurves.from_summaries([
+        summarize(np.broadcast_to(scores, (2, 2, len(scores))).copy(), 0, model="m", task="t") for _ in range(n)
+    ])
+
+
+def test_a_target_in_a_gap_of_the_curve_is_unreachable():
+    # Every score 0.0: the mean curve jumps from 0 to 1 at τ = 0, nothing in between is achievable.
+    with pytest.raises(TargetUnreachableError, match=r"gap around it.*0\.0000 and 1\.0000") as caught:
+        fit_threshold(_constant_requests(25, [0.0]), 0.5)
+    assert caught.value.gap == (0.0, 1.0)
+    # Two clusters: 0, 0.5 and 1 are achievable; 0.25 is 0.25 away from both.
+    clusters = _constant_requests(25, [-10.0, 5.0])
+    with pytest.raises(TargetUnreachableError, match=r"0\.0000 and 0\.5000"):
+        fit_threshold(clusters, 0.25)
+    # Within the tolerance of a step it is reachable, and the fit is what it was before the gap check.
+    for target in (0.5, 0.509, 0.491):
+        fit = fit_threshold(clusters, target, bootstrap_resamples=50)
+        assert fit.predicted_removed_fraction == 0.5 and -10.0 < fit.tau <= 5.0
+    with pytest.raises(TargetUnreachableError):
+        fit_threshold(clusters, 0.52)
+    assert fit_threshold(clusters, 0.52, tolerance=0.03, bootstrap_resamples=50).predicted_removed_fraction == 0.5

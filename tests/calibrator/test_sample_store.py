@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -88,3 +89,26 @@ def test_a_failing_batch_writes_nothing(redis_client, prefix):
         store.ingest(_summaries(2, task="good", seed=1) + _summaries(2, task="bad"))
     assert store.curves("m", "good").num_requests == 2
     assert not redis_client.exists(f"{prefix}segs:m:bad:*")
+
+
+def test_foreign_data_under_the_prefix_is_skipped_or_named(redis_client, prefix, caplog):
+    store = SampleStore(redis_client, prefix)
+    store.ingest(_summaries(3))
+    # A member of the series index that no SeriesKey encodes to: skipped with a warning, left in place.
+    redis_client.sadd(f"{prefix}series", b"foreign-member")
+    with caplog.at_level("WARNING", logger="calibrator.series"):
+        assert store.series() == [SeriesKey("m", "t")]
+    assert "foreign-member" in caplog.text
+    assert redis_client.sismember(f"{prefix}series", b"foreign-member")
+    assert store.curves("m", "t").num_requests == 3
+    # Fit data that is not ours cannot be skipped without biasing the fit: refused, naming the key.
+    segs = f"{prefix}segs:{SeriesKey('m', 't').encode()}"
+    redis_client.rpush(segs, b"junk")
+    for action in (lambda: store.curves("m", "t"), lambda: store.ingest(_summaries(1))):
+        with pytest.raises(StoreUnavailableError, match=rf"key {re.escape(segs)} holds b'junk'"):
+            action()
+    assert redis_client.lrange(segs, 0, -1) == [b"0", b"junk"]  # nothing written by the refused ingest
+    redis_client.rpop(segs)
+    redis_client.hset(f"{prefix}seg:{SeriesKey('m', 't').encode()}:0:sum", "7", b"x")
+    with pytest.raises(StoreUnavailableError, match=r":0:sum holds b'x'"):
+        store.curves("m", "t")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibrator.series import connect, delete_prefix
+from calibrator.series import SeriesKey, connect, delete_prefix
 
 
 def test_delete_prefix_deletes_exactly_the_keys_under_a_literal_prefix(redis_client, prefix):
@@ -25,3 +25,11 @@ def test_delete_prefix_refuses_an_empty_prefix_before_touching_redis(closed_port
     # instead of wiping a real database.
     with pytest.raises(ValueError, match="prefix is empty"):
         delete_prefix(connect(closed_port_url, timeout_s=0.5), "")
+
+
+def test_decode_refuses_what_encode_cannot_produce():
+    key = SeriesKey("org/model:v1", "t", "acme")
+    assert SeriesKey.decode(key.encode().encode()) == key
+    for bad in (b"not-a-key", b"a:b", b"a:b:c:d", b"::*", b"\xff:t:*"):
+        with pytest.raises(ValueError, match="not an encoded series key"):
+            SeriesKey.decode(bad)

@@ -6,8 +6,9 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
-from calibrator import summarize
+from calibrator import ThresholdNotFoundError, summarize
 from calibrator.sample_store import SampleStore
 from calibrator.series import SeriesKey, connect
 from calibrator.sink import SampleSink
@@ -106,3 +107,20 @@ def _wait(condition, timeout_s=5.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def test_unreadable_threshold_records_count_as_absent(redis_client, prefix, caplog):
+    thresholds = ThresholdStore(redis_client, prefix)
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-7.0, source="manual"))
+    tenant_field = SeriesKey("m", "t", "acme").encode()
+    redis_client.hset(thresholds.hash_key, mapping={tenant_field: b"{not json", "foreign": b'{"tau": "x"}'})
+    with caplog.at_level("WARNING", logger="calibrator.threshold_store"):
+        assert [r.tau for r in thresholds.list()] == [-7.0]
+    assert "m:t:acme" in caplog.text and "foreign" in caplog.text
+    # The tenant's entry is unreadable: the (model, task) entry applies, as if the tenant had none.
+    assert thresholds.resolve("m", "t", "acme").tau == -7.0
+    with pytest.raises(ThresholdNotFoundError, match="m/t \\(tenant acme\\) is unreadable"):
+        thresholds.get(SeriesKey("m", "t", "acme"))
+    assert redis_client.hget(thresholds.hash_key, "foreign") == b'{"tau": "x"}'  # left in place
+    thresholds.put(ThresholdRecord(model="m", task="t", tenant="acme", tau=-6.0, source="manual"))
+    assert thresholds.get(SeriesKey("m", "t", "acme")).tau == -6.0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from kvzap_sglang.policy import keep_mask, removed_fraction  # noqa: E402
 from kvzap_sglang.prompts import make_prompt  # noqa: E402
 from kvzap_sglang.scoring import score_tokens  # noqa: E402
 from kvzap_sglang.surrogate import KVzapConfig, KVzapSurrogate  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,8 @@ def test_prune_reads_a_prompt_file(tiny_folders, tmp_path, capsys):
         (["--surrogate", "/nonexistent/ckpt"], "neither linear/mlp nor a checkpoint folder"),
         (["--surrogate", "{smollm2_shaped}"], "does not fit"),
         (["--surrogate", "{tiny}", "--threshold", None], "pass --threshold"),
+        (["--threshold", "inf"], "--threshold must be a finite number, got inf"),
+        (["--tokens", "5000"], "--tokens must be <= 4096 (the context length of"),  # the tiny Llama's context
     ],
 )
 def test_prune_bad_input_exits_2_with_a_message(tiny_folders, capsys, argv, message):
@@ -90,6 +96,68 @@ def test_prune_bad_input_exits_2_with_a_message(tiny_folders, capsys, argv, mess
     flat = [part for flag, value in options.items() if value is not None for part in (flag, named.get(value, value))]
     code, _, err = run(capsys, "prune", "--model", str(tiny_folders / "model"), *flat)
     assert code == 2 and message in err, err
+
+
+def test_prune_refuses_a_prompt_file_longer_than_the_context(tiny_folders, tmp_path, capsys):
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text("The grass is green. " * 1000)  # ~5000 tokens, past the tiny Llama's 4096
+    code, _, err = run(
+        capsys, "prune", "--model", str(tiny_folders / "model"), "--surrogate", str(tiny_folders / "surrogate"),
+        "--threshold", "0", "--prompt-file", str(prompt_file),
+    )  # fmt: skip
+    assert code == 2 and "more than the context length 4096" in err and str(prompt_file) in err, err
+
+
+def _set_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _nan_weight(folder):
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["layers.0.2.bias"][0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda folder: _set_config(folder, input_dim=None), "config.json: input_dim must be an integer >= 1"),
+        (lambda folder: (folder / "config.json").write_text("[1]"), "config.json: expected a JSON object"),
+        (lambda folder: _set_config(folder, output_dim=-2), "config.json: output_dim must be an integer >= 1"),
+        (lambda folder: (folder / "model.safetensors").write_bytes(b"garbage!" * 8), "model.safetensors: not a readable"),
+        (_nan_weight, "model.safetensors: layers.0.2.bias holds NaN or infinite values"),
+    ],
+    ids=["null input_dim", "config list", "negative output_dim", "garbage weights", "NaN weight"],
+)
+def test_prune_with_a_malformed_checkpoint_exits_2_naming_the_file(tiny_folders, tmp_path, capsys, corrupt, message):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_folders / "surrogate", folder)
+    corrupt(folder)
+    code, _, err = run(capsys, "prune", "--model", str(tiny_folders / "model"), "--surrogate", str(folder), "--threshold", "0")
+    assert code == 2 and f"{folder}/{message}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--out", "{file}"], "exists and is not a folder"),
+        (["--out", "{file}/sub"], "cannot be created"),
+    ],
+)
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
+    """A missing model would be the first thing training trips on: the argument error must come before it."""
+    (tmp_path / "file").write_text("keep me")
+    argv = [part.replace("{file}", str(tmp_path / "file")) for part in argv]
+    options = {"--out": str(tmp_path / "out"), **dict(zip(argv[::2], argv[1::2]))}
+    flat = [part for pair in options.items() for part in pair]
+    code, _, err = run(capsys, "train", "--model", str(tmp_path / "no-model"), "--kind", "mlp", *flat)
+    assert code == 2 and message in err, err
+    assert (tmp_path / "file").read_text() == "keep me" and not (tmp_path / "out").exists()
 
 
 def test_unknown_choices_exit_2(capsys):
@@ -133,3 +201,75 @@ def test_status_of_an_unreachable_server_exits_1_with_the_reason(capsys):
 
     assert main(["status", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_server():
+    """A real local HTTP server answering ``/server_info`` with ``fake_server.body`` (set by the test)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            payload = json.dumps(server.body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+KVZAP_STATE = {"threshold": -4.0, "window": 128, "surrogate": "mlp", "cells_total": 1000, "cells_in_use": 10,
+               "cells_cached": 4, "removed_fraction": 0.25, "requests_finished": 3}  # fmt: skip
+TENANT = {"threshold": -4.0, "threshold_base": -4.5, "window": 64, "cells_held": 5, "budget_cells": None,
+          "queued_requests": 0, "refused_requests": 1, "removed_fraction": 0.5}  # fmt: skip
+
+
+def test_status_prints_a_kvzap_servers_figures(fake_server, capsys):
+    fake_server.body = {"internal_states": [{"kvzap": {**KVZAP_STATE, "tenants": {"alice": TENANT}}}]}
+    code, out, err = run(capsys, "status", "--url", fake_server.url, "--timeout", "5")
+    assert code == 0, err
+    assert "τ -4.0  window 128  surrogate mlp  cells 10/1000 in use (4 cached)" in out
+    assert re.search(r"alice\s+-4.000\s+-4.500\s+64\s+5\s+-\s+0\s+1\s+0.500", out), out
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ([KVZAP_STATE], "a JSON list instead of an object"),
+        ({"internal_states": [None]}, "internal_states is [None], not a list of objects"),
+        ({"internal_states": {"kvzap": 1}}, "internal_states is {'kvzap': 1}, not a list of objects"),
+        ({"internal_states": [{"kvzap": [1]}]}, "kvzap state is list, not an object"),
+        ({"internal_states": [{"kvzap": {"threshold": -4.0}}]}, "kvzap state has no 'window'"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "removed_fraction": None}}]}, "kvzap state 'removed_fraction' is None"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "cells_cached": None}}]}, "kvzap state 'cells_cached' is None"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "window": True}}]}, "kvzap state 'window' is True"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "tenants": [TENANT]}}]}, "kvzap tenants is not an object"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "tenants": {"bob": {**TENANT, "threshold_base": None}}}}]},
+         "kvzap tenant 'bob' 'threshold_base' is None"),
+        ({"internal_states": [{"kvzap": {**KVZAP_STATE, "tenants": {"bob": {"threshold": -4.0}}}}]},
+         "kvzap tenant 'bob' has no 'window'"),
+    ],
+)
+def test_status_of_a_server_with_an_odd_reply_exits_1_with_one_line(fake_server, capsys, body, problem):
+    fake_server.body = body
+    for json_flag in ([], ["--json"]):
+        code, out, err = run(capsys, "status", "--url", fake_server.url, "--timeout", "5", *json_flag)
+        assert code == 1 and out == "", out
+        assert err == f"error: {fake_server.url}/server_info replied with something a KVzap server does not send: {problem}\n"
+
+
+def test_status_of_a_server_without_kvzap_still_says_so(fake_server, capsys):
+    fake_server.body = {"internal_states": [{"last_gen_throughput": 1.0}]}
+    assert main(["status", "--url", fake_server.url, "--timeout", "5"]) == 1
+    assert "does not run KVzap" in capsys.readouterr().err

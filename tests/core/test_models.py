@@ -1,6 +1,7 @@
 """Model resolution: embedded name -> cached safetensors folder; local folders validated; clear errors otherwise."""
 
 import json
+import re
 
 import pytest
 
@@ -45,3 +46,21 @@ def test_cli_model_path(smollm2_path, capsys):
     assert capsys.readouterr().out.strip() == str(smollm2_path)
     assert main(["model", "path", "nope"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("[1]", "config.json holds a JSON list, not an object"),
+        ("{", "config.json is not valid JSON"),
+        ('{"architectures": "LlamaForCausalLM"}', "config.json: architectures must be a list, got 'LlamaForCausalLM'"),
+        ('{"architectures": [1, null]}', "architecture [1, None] is not supported"),
+    ],
+)
+def test_a_malformed_local_config_is_a_clear_error(tmp_path, capsys, config_text, message):
+    (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+        resolve_model_path(tmp_path)
+    assert main(["model", "path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}") and message in err and err.count("\n") == 1, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -137,3 +138,67 @@ def test_package_exports_the_surrogate_without_importing_torch_eagerly():
     code = "import sys, kvzap_sglang; assert 'torch' not in sys.modules; print(kvzap_sglang.KVzapSurrogate.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "KVzapSurrogate"
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return edit
+
+
+def _replace(name, content):
+    def edit(folder):
+        (folder / name).write_bytes(content)
+
+    return edit
+
+
+def _poison_weight(value):
+    def edit(folder):
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors["layers.1.bias"][0] = value
+        save_file(tensors, str(folder / "model.safetensors"))
+
+    return edit
+
+
+# Each one used to escape as TypeError, AttributeError, RuntimeError or SafetensorError, or (NaN/inf) load silently.
+MALFORMED = {
+    "null input_dim": (_edit_config(input_dim=None), "config.json: input_dim must be an integer >= 1, got None"),
+    "config is a list": (_replace("config.json", b"[1]"), "config.json: expected a JSON object, got list"),
+    "negative output_dim": (_edit_config(output_dim=-2), "config.json: output_dim must be an integer >= 1, got -2"),
+    "fractional input_dim": (_edit_config(input_dim=16.5), "config.json: input_dim must be an integer >= 1, got 16.5"),
+    "boolean n_modules": (_edit_config(n_modules=True), "config.json: n_modules must be an integer >= 1, got True"),
+    "absurd sizes": (_edit_config(input_dim=10**12, output_dim=10**12), "config.json: dimensions"),
+    "config not JSON": (_replace("config.json", b"{"), "config.json: not valid JSON"),
+    "garbage weights": (_replace("model.safetensors", b"garbage!" * 8), "model.safetensors: not a readable safetensors"),
+    "empty weights": (_replace("model.safetensors", b""), "model.safetensors: not a readable safetensors"),
+    "NaN weight": (_poison_weight(float("nan")), "model.safetensors: layers.1.bias holds NaN or infinite values"),
+    "inf weight": (_poison_weight(float("inf")), "model.safetensors: layers.1.bias holds NaN or infinite values"),
+}
+# What KVzapConfig.from_json refuses; the settings check reads config.json with it (and does not load weights).
+CONFIG_DEFECTS = ["null input_dim", "config is a list", "negative output_dim", "fractional input_dim", "boolean n_modules"]
+
+
+@pytest.mark.parametrize("defect", MALFORMED)
+def test_malformed_checkpoints_raise_a_value_error_naming_the_file(tmp_path, defect):
+    edit, message = MALFORMED[defect]
+    random_surrogate().save_pretrained(tmp_path)
+    edit(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}/{message}")) as raised:
+        KVzapSurrogate.from_pretrained(tmp_path)
+    assert isinstance(raised.value, ValueError)  # what the CLI and the server's settings check report
+
+
+@pytest.mark.parametrize("defect", CONFIG_DEFECTS)
+def test_malformed_checkpoint_configs_fail_the_servers_settings_check(tmp_path, defect):
+    """``--kvzap-surrogate DIR`` is checked by ``resolve_surrogate`` before the server starts (it reads config.json)."""
+    from kvzap_sglang.plugin.settings import KVzapConfigError, resolve_surrogate
+
+    edit, message = MALFORMED[defect]
+    random_surrogate().save_pretrained(tmp_path)
+    edit(tmp_path)
+    with pytest.raises(KVzapConfigError, match=re.escape(f"kvzap surrogate '{tmp_path}': {tmp_path}/{message}")):
+        resolve_surrogate(str(tmp_path), None)

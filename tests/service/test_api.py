@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from statistics import NormalDist
 
+import numpy as np
 from fastapi.testclient import TestClient
 
+from calibrator import summarize
 from service.app import create_app
 
 ADMIN = {"X-API-Key": "test-admin-key"}
@@ -141,3 +144,64 @@ def test_public_reads_setting(make_settings, make_summaries):
     with TestClient(create_app(make_settings(public_reads=True))) as api:
         assert api.get("/thresholds").status_code == 200
         assert api.post("/samples", json={"samples": make_summaries(1)}).status_code == 401
+
+
+def test_non_finite_numbers_get_a_422_with_a_reason(api, make_summaries):
+    # Python's JSON parser reads NaN, Infinity and 1e400 (= inf); echoing them back used to make the 422 a 500.
+    summary = make_summaries(1)[0]
+    for path, body, loc in [
+        ("/calibrate", {"model": "m", "task": "t", "target_ratio": float("nan")}, ["body", "target_ratio"]),
+        ("/calibrate", {"model": "m", "task": "t", "target_ratio": 0.5, "confidence": float("inf")}, ["body", "confidence"]),
+        ("/samples", {"samples": [{**summary, "timestamp": float("nan")}]}, ["body", "samples", 0, "timestamp"]),
+    ]:
+        response = api.post(path, content=json.dumps(body), headers={**ADMIN, "content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        error = response.json()
+        assert error["error"] == "invalid_request" and loc in [e["loc"] for e in error["errors"]]
+        assert ".".join(map(str, loc)) + ": " in error["detail"]
+    overflow = b'{"model": "m", "task": "t", "target_ratio": 1e400}'
+    response = api.post("/calibrate", content=overflow, headers={**ADMIN, "content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"] == "body.target_ratio: Input should be a finite number"
+
+
+def test_a_target_between_score_clusters_is_refused_and_not_stored(api):
+    def constant(score):  # every entry of the request at one score
+        return summarize(np.full((2, 2, 40), score, dtype=np.float32), 0, model="m", task="t").model_dump(mode="json")
+
+    assert api.post("/samples", json={"samples": [constant(0.0)] * 25}, headers=ADMIN).status_code == 200
+    response = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "target_unreachable" and (body["closest_below"], body["closest_above"]) == (0.0, 1.0)
+    assert api.get("/thresholds/m/t", headers=ADMIN).status_code == 404  # nothing stored on failure
+    api.post("/samples", json={"samples": [constant(-10.0)] * 25}, headers=ADMIN)  # now 0, 0.5 and 1 are achievable
+    assert api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.25}, headers=ADMIN).status_code == 422
+    ok = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert ok.status_code == 200 and ok.json()["report"]["predicted_removed_fraction"] == 0.5
+
+
+def test_corrupt_records_under_the_prefix_are_skipped_not_a_500(api, make_summaries, redis_client, prefix):
+    api.post("/samples", json={"samples": make_summaries(25)}, headers=ADMIN)
+    assert api.put("/thresholds/m/t", json={"tau": -5.0}, headers=ADMIN).status_code == 200
+    redis_client.hset(f"{prefix}thresholds", mapping={"m:other:*": b"not json", "foreign": b"[]"})
+    redis_client.sadd(f"{prefix}series", b"foreign-member")
+    listing = api.get("/thresholds", headers=ADMIN)
+    assert listing.status_code == 200 and [(r["task"], r["tau"]) for r in listing.json()] == [("t", -5.0)]
+    unreadable = api.get("/thresholds/m/other", headers=ADMIN)
+    assert unreadable.status_code == 404 and "unreadable" in unreadable.json()["detail"]
+    assert api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN).status_code == 200
+    assert api.put("/thresholds/m/other", json={"tau": -4.0}, headers=ADMIN).status_code == 200  # replaces it
+    assert api.get("/thresholds/m/other", headers=ADMIN).json()["tau"] == -4.0
+    redis_client.rpush(f"{prefix}segs:m:t:*", b"junk")  # fit data: refused with the key named
+    refused = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert refused.status_code == 503 and "segs:m:t:* holds b'junk'" in refused.json()["detail"]
+
+
+def test_a_malformed_content_length_is_a_400(api):
+    for declared in ("abc", "-1", "1e3", " "):
+        response = api.post("/calibrate", content=b"{}", headers={**ADMIN, "content-type": "application/json",
+                                                                 "content-length": declared})
+        assert response.status_code == 400, (declared, response.text)
+        assert response.json()["error"] == "bad_request" and "is not a non-negative integer" in response.json()["detail"]
+    too_large = api.post("/calibrate", content=b"{}", headers={**ADMIN, "content-length": "2000001"})
+    assert too_large.status_code == 413

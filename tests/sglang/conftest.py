@@ -68,11 +68,13 @@ def running_engine(model_path: Path, **overrides):
 
 
 @contextmanager
-def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: float = 180.0):
+def running_server(model_path: Path, extra_flags: list[str] = (), timeout_s: float = 180.0, deep_checks: bool = False):
     """`python -m sglang.launch_server` on CPU as a child process; yields its base URL; always terminated
-    (``KVZAP_KEEP_SERVER_LOG=1`` keeps its log file)."""
+    (``KVZAP_KEEP_SERVER_LOG=1`` keeps its log file). ``deep_checks``: the idle self-check also recounts the whole
+    store (``KVZAP_CHECK_INVARIANTS=1``, set for that server only)."""
     keep_log = bool(os.environ.get("KVZAP_KEEP_SERVER_LOG"))
-    with launched_server(model_path, [*CPU_SERVER_FLAGS, *extra_flags], timeout_s, keep_log=keep_log) as url:
+    env = {"KVZAP_CHECK_INVARIANTS": "1"} if deep_checks else None
+    with launched_server(model_path, [*CPU_SERVER_FLAGS, *extra_flags], timeout_s, keep_log=keep_log, env=env) as url:
         yield url
 
 

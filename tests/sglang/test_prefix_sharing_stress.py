@@ -41,12 +41,8 @@ def stress_server(smollm2_path, server_factory, head0_surrogate):
     pool, and the deep idle self-check."""
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
              "--chunked-prefill-size", "64", "--max-total-tokens", str(POOL_TOKENS), "--max-running-requests", "16"]  # fmt: skip
-    os.environ["KVZAP_CHECK_INVARIANTS"] = "1"
-    try:
-        with server_factory(smollm2_path, flags) as url:
-            yield url
-    finally:
-        del os.environ["KVZAP_CHECK_INVARIANTS"]
+    with server_factory(smollm2_path, flags, deep_checks=True) as url:
+        yield url
 
 
 def _stress_request(url: str, index: int, prefixes: list[list[int]], rng: random.Random) -> dict:

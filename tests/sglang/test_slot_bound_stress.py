@@ -12,7 +12,6 @@ it runs.
 
 from __future__ import annotations
 
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,12 +31,8 @@ def slot_bound_server(smollm2_path, server_factory, head0_surrogate):
     (2,048 virtual slots), chunked prefill of 64 tokens, up to 24 requests at once."""
     flags = ["--kvzap-threshold", "2.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
              "--chunked-prefill-size", "64", "--max-total-tokens", str(POOL_TOKENS), "--max-running-requests", "24"]  # fmt: skip
-    os.environ["KVZAP_CHECK_INVARIANTS"] = "1"
-    try:
-        with server_factory(smollm2_path, flags) as url:
-            yield url
-    finally:
-        del os.environ["KVZAP_CHECK_INVARIANTS"]
+    with server_factory(smollm2_path, flags, deep_checks=True) as url:
+        yield url
 
 
 def _request(url: str, prefixes: list[list[int]], rng: random.Random) -> dict:

@@ -21,7 +21,8 @@ router = APIRouter(tags=["calibration"])
 CALIBRATE_ERRORS = {
     **ERROR_RESPONSES,
     404: {"model": ErrorBody, "description": "unknown model"},
-    422: {"description": "invalid request, too few samples, or unreachable target (the detail says what is achievable)"},
+    422: {"model": ErrorBody, "description": "invalid request (error invalid_request, with errors), too few samples, "
+                                             "or unreachable target (the detail says what is achievable)"},
 }
 
 

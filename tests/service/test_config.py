@@ -1,0 +1,55 @@
+"""Start-up settings fail fast, naming the setting, and never print a key (the settings are built for real)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.core.config import Settings, load_settings
+
+
+def test_a_missing_env_file_stops_the_start(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVZAP_ENV_FILE", str(tmp_path / "service.env"))
+    with pytest.raises(FileNotFoundError, match="KVZAP_ENV_FILE=.*service.env': no such file"):
+        load_settings()
+    (tmp_path / "service.env").write_text('KVZAP_KNOWN_MODELS=["from-file"]\n')
+    assert load_settings().known_models == ["from-file"]
+    monkeypatch.setenv("KVZAP_ENV_FILE", "")  # empty = unset
+    assert load_settings().known_models == []
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://x", "KVZAP_REDIS_URL must be a redis://, rediss:// or unix:// URL, got scheme 'http'"),
+    ("127.0.0.1:6379", "KVZAP_REDIS_URL must be"),
+    ("redis://host:abc/0", "KVZAP_REDIS_URL is not a valid Redis URL: Port could not be cast"),
+])
+def test_a_bad_redis_url_names_the_setting(monkeypatch, url, reason):
+    monkeypatch.setenv("KVZAP_REDIS_URL", url)
+    with pytest.raises(ValidationError, match=reason):
+        load_settings()
+
+
+def test_every_redis_scheme_is_accepted():
+    for url in ("redis://127.0.0.1:6379/0", "rediss://:pw@host:6380/1", "unix:///run/redis.sock?db=2"):
+        assert Settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"admin_api_keys": [""]}, "admin key #1 is empty"),
+    ({"admin_api_keys": ["fine-key", " padded-secret"]}, "admin key #2 is empty or starts or ends with whitespace"),
+    ({"tenant_api_keys": {"": "acme"}}, "the key of tenant 'acme' is empty"),
+    ({"admin_api_keys": ["shared-secret"], "tenant_api_keys": {"shared-secret": "acme", "own-secret": "beta"}},
+     r"the key of tenant\(s\) \['acme'\] is also listed in KVZAP_ADMIN_API_KEYS"),
+])
+def test_unusable_or_ambiguous_keys_are_refused_without_printing_them(values, reason):
+    with pytest.raises(ValidationError, match=reason) as caught:
+        Settings(**values)
+    assert "secret" not in str(caught.value)
+
+
+def test_keys_from_the_environment_are_checked_too(monkeypatch):
+    monkeypatch.setenv("KVZAP_ADMIN_API_KEYS", '["shared-secret"]')
+    monkeypatch.setenv("KVZAP_TENANT_API_KEYS", '{"shared-secret": "acme"}')
+    with pytest.raises(ValidationError, match="also listed in KVZAP_ADMIN_API_KEYS") as caught:
+        load_settings()
+    assert "shared-secret" not in str(caught.value)
