@@ -66,6 +66,7 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
         raise KVzapConfigError("KVzap does not support --enable-torch-compile (decode graph capture)")
     if server_values.get("enable_hierarchical_cache"):
         raise KVzapConfigError("KVzap does not support --enable-hierarchical-cache (HiCache reloads give new slot ids)")
+    _refuse_unsupported_layouts(server_values)
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
     resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch
     tenants = settings.tenants_config()
@@ -81,6 +82,35 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
 
         install_http_middleware(tenants)  # tenant identity on the HTTP edge (no effect for sglang.Engine)
     return overrides
+
+
+# Parallel layouts shard the KV heads, layers or requests over processes; KVzap's cell store, its runtime and the
+# surrogate's per-(layer, KV head) scores are per process and unsharded. Checked before start-up: otherwise each rank
+# would fail at its first forward (or prune the wrong heads).
+PARALLEL_SIZES = {"tp_size": "--tp-size", "pp_size": "--pp-size", "dp_size": "--dp-size",
+                  "attn_cp_size": "--attn-cp-size", "nnodes": "--nnodes"}  # fmt: skip
+# KV dtypes the cells can hold as they are: quantised caches need per-cell scales the cell store does not keep.
+PLAIN_KV_DTYPES = (None, "auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+
+
+def _refuse_unsupported_layouts(server_values: dict[str, Any]) -> None:
+    for field, flag in PARALLEL_SIZES.items():
+        size = server_values.get(field)
+        if size is not None and int(size) != 1:
+            raise KVzapConfigError(f"KVzap runs on a single process in this version; got {flag} {size} "
+                                   "(the cell store and its scores are not sharded)")  # fmt: skip
+    if server_values.get("enable_dp_attention"):
+        raise KVzapConfigError("KVzap does not support --enable-dp-attention (the cell store is not sharded)")
+    if server_values.get("disaggregation_mode") not in (None, "null"):
+        raise KVzapConfigError(
+            f"KVzap does not support prefill/decode disaggregation (--disaggregation-mode "
+            f"{server_values['disaggregation_mode']}): the transfer sends whole token slots, not cells"
+        )
+    if server_values.get("kv_cache_dtype") not in PLAIN_KV_DTYPES:
+        raise KVzapConfigError(
+            f"KVzap keeps K/V in the model's dtype; --kv-cache-dtype {server_values['kv_cache_dtype']} (a quantised "
+            "cache) is not supported in this version"
+        )
 
 
 # ---------------------------------------------------------------------------- CLI (python -m sglang.launch_server)

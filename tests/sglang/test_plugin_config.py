@@ -40,8 +40,8 @@ def test_entry_point_is_registered():
 def test_engine_kwargs_are_validated_exported_and_force_required_args(server_args_with_kvzap, smollm2_path, head0_surrogate):
     args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", attention_backend="torch_native",
                                   kvzap_threshold=-4, kvzap_surrogate=str(head0_surrogate), kvzap_window=16,
-                                  kvzap_no_decode=True)  # fmt: skip
-    assert args.disable_overlap_schedule is True
+                                  kvzap_no_decode=True, kv_cache_dtype="bf16", tp_size=1)  # fmt: skip
+    assert args.disable_overlap_schedule is True and args.kv_cache_dtype == "bf16"
     assert args.disable_radix_cache is False and args.radix_cache_backend == "kvzap"  # prefix sharing stays on
     assert KVzapSettings.from_env() == KVzapSettings(-4.0, str(head0_surrogate), 16, score_decode=False)
 
@@ -72,6 +72,12 @@ def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kv
         (dict(kvzap_threshold=-4, kvzap_surrogate="linear", page_size=16), "page-size 1"),
         (dict(kvzap_threshold=-4, attention_backend="flashinfer"), "torch_native"),
         (dict(kvzap_threshold=-4, enable_torch_compile=True), "enable-torch-compile"),
+        (dict(kvzap_threshold=-4, tp_size=2), "single process in this version; got --tp-size 2"),
+        (dict(kvzap_threshold=-4, pp_size=2), "got --pp-size 2"),
+        (dict(kvzap_threshold=-4, dp_size=2), "got --dp-size 2"),
+        (dict(kvzap_threshold=-4, enable_dp_attention=True), "enable-dp-attention"),
+        (dict(kvzap_threshold=-4, disaggregation_mode="prefill"), "disaggregation-mode prefill"),
+        (dict(kvzap_threshold=-4, kv_cache_dtype="fp8_e4m3"), "kv-cache-dtype fp8_e4m3"),
     ],
 )
 def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kvzap, smollm2_path, head0_surrogate, kwargs, message):
