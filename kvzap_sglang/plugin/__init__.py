@@ -59,14 +59,20 @@ def register() -> None:
 
 
 def _register_startup_hooks(HookRegistry, HookType) -> None:
-    """The start-up surface, in every process: ``--kvzap-*`` flags and the ``meta_info`` unwrapping."""
-    from kvzap_sglang.plugin import launch, reporting
+    """The start-up surface, in every process: ``--kvzap-*`` flags, the ``meta_info`` unwrapping and the prompt
+    checks of the HTTP process."""
+    from kvzap_sglang.plugin import launch, prompt_checks, reporting
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", launch.add_cli_args, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", launch.from_cli_args, HookType.AROUND)
     HookRegistry.register(
         "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
         reporting.unwrap_meta_info,
+        HookType.AROUND,
+    )
+    HookRegistry.register(  # HTTP process; checks only while KVzap is on (the launcher exports its settings)
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        prompt_checks.refuse_crashing_prompts,
         HookType.AROUND,
     )
 

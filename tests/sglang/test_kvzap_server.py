@@ -75,6 +75,24 @@ def _stress_request(url: str, index: int, rng: random.Random) -> str:
     return generate(url, text, max_new_tokens=rng.randint(1, 3))["meta_info"]["finish_reason"]["type"]
 
 
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"text": ""}, "the prompt has no tokens"),
+        ({"input_ids": [1, 2, 10**9]}, "token id 1000000000, outside the model's vocabulary [0, 49152)"),
+        ({"input_ids": [-5, 2]}, "token id -5, outside"),
+        ({"input_ids": [[3, 4], [49152]]}, "token id 49152, outside"),  # one bad prompt of a batch
+    ],
+    ids=["empty text", "id past the vocabulary", "negative id", "batch"],
+)
+def test_prompts_that_crash_sglangs_scheduler_are_a_400_and_the_server_serves_on(server, body, reason):
+    """Each of these kills a stock SGLang 0.5.23 scheduler (plugin/prompt_checks.py); here they are refused in the
+    HTTP process, and the next request is served."""
+    response = requests.post(f"{server}/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, timeout=300)
+    assert response.status_code == 400 and reason in response.text, response.text
+    assert generate(server, "The capital of France is")["meta_info"]["completion_tokens"] == 4
+
+
 def test_stress_mixed_requests_with_aborts_return_every_cell(server):
     rng = random.Random(0)
     seeds = [rng.randint(0, 10**6) for _ in range(200)]
