@@ -1,9 +1,10 @@
 """Refuse prompts SGLang 0.5.23 would crash on, with a 400, while KVzap is on.
 
-Two requests kill a stock SGLang 0.5.23 scheduler (measured on CPU, with and without KVzap): a ``/generate`` text
+Three requests kill a stock SGLang 0.5.23 scheduler (measured on CPU, with and without KVzap): a ``/generate`` text
 that tokenizes to nothing (``{"text": ""}`` with SmolLM2's tokenizer, which adds no BOS: the first forward reshapes
-a 0-token batch and raises) and ``input_ids`` outside the vocabulary (the embedding lookup raises
-``IndexError``). The scheduler dies, and with it every running request and the server. SGLang checks neither in
+a 0-token batch and raises), ``input_ids`` outside the vocabulary (the embedding lookup raises ``IndexError``) and,
+with ``--disable-radix-cache``, ``input_embeds`` rows that are not ``hidden_size`` long (the model raises
+``ValueError`` in the scheduler). The scheduler dies, and with it every running request and the server. SGLang checks neither in
 ``TokenizerManager._validate_one_request``, which runs in the HTTP process before anything is queued and whose
 ``ValueError`` is already answered with a 400; so the check goes there. Stock servers (KVzap off) are left as they
 are.
@@ -15,10 +16,15 @@ from kvzap_sglang.plugin.settings import KVzapSettings
 
 
 def refuse_crashing_prompts(original, self, obj, input_ids):
-    """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, or with a token id outside
-    ``[0, vocab_size)``, is a ``ValueError`` (HTTP 400) before SGLang's own checks."""
-    if input_ids is not None and getattr(obj, "input_embeds", None) is None and KVzapSettings.from_env() is not None:
-        check_prompt_ids(input_ids, self.model_config.vocab_size)
+    """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, a token id outside
+    ``[0, vocab_size)`` or embeddings not ``[tokens, hidden_size]`` is a ``ValueError`` (HTTP 400) before SGLang's
+    own checks."""
+    if KVzapSettings.from_env() is not None:
+        embeds = getattr(obj, "input_embeds", None)
+        if embeds is not None:
+            check_prompt_embeds(embeds, self.model_config.hidden_size)
+        elif input_ids is not None:
+            check_prompt_ids(input_ids, self.model_config.vocab_size)
     return original(self, obj, input_ids)
 
 
@@ -29,3 +35,14 @@ def check_prompt_ids(input_ids: list[int], vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def check_prompt_embeds(embeds, hidden_size: int) -> None:
+    if not isinstance(embeds, list):
+        return  # a tensor from sglang.Engine: SGLang's own path
+    if len(embeds) == 0:
+        raise ValueError("input_embeds must be a non-empty list of [hidden_size] rows, one per prompt token")
+    for index, row in enumerate(embeds):
+        if not isinstance(row, list) or len(row) != hidden_size:
+            length = len(row) if isinstance(row, list) else type(row).__name__
+            raise ValueError(f"input_embeds row {index} has {length} values; the model's hidden size is {hidden_size}")

@@ -82,8 +82,9 @@ def _stress_request(url: str, index: int, rng: random.Random) -> str:
         ({"input_ids": [1, 2, 10**9]}, "token id 1000000000, outside the model's vocabulary [0, 49152)"),
         ({"input_ids": [-5, 2]}, "token id -5, outside"),
         ({"input_ids": [[3, 4], [49152]]}, "token id 49152, outside"),  # one bad prompt of a batch
+        ({"input_embeds": [[0.1] * 576, [0.1] * 5]}, "input_embeds row 1 has 5 values; the model's hidden size is 576"),
     ],
-    ids=["empty text", "id past the vocabulary", "negative id", "batch"],
+    ids=["empty text", "id past the vocabulary", "negative id", "batch", "embeddings of the wrong width"],
 )
 def test_prompts_that_crash_sglangs_scheduler_are_a_400_and_the_server_serves_on(server, body, reason):
     """Each of these kills a stock SGLang 0.5.23 scheduler (plugin/prompt_checks.py); here they are refused in the
@@ -91,6 +92,14 @@ def test_prompts_that_crash_sglangs_scheduler_are_a_400_and_the_server_serves_on
     response = requests.post(f"{server}/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, timeout=300)
     assert response.status_code == 400 and reason in response.text, response.text
     assert generate(server, "The capital of France is")["meta_info"]["completion_tokens"] == 4
+
+
+def test_prompt_embeddings_are_served(server):
+    """``input_embeds`` (allowed with the radix cache off) go through KVzap's scoring like token prompts."""
+    body = {"input_embeds": [[0.01 * (i % 7)] * 576 for i in range(24)], "sampling_params": {"max_new_tokens": 2}}
+    response = requests.post(f"{server}/generate", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json()["meta_info"]["kvzap"]["cells_full"] > 0
 
 
 def test_stress_mixed_requests_with_aborts_return_every_cell(server):
