@@ -74,3 +74,12 @@ def test_batch_of_mixed_requests_leaves_no_cells_behind(engine):
     assert engine.flush_cache().success
     state = kvzap_state(engine)
     assert state["cells_in_use"] == 0 and state["cells_cached"] == 0  # every cell came back
+
+
+def test_a_prompt_that_would_crash_the_scheduler_raises_in_the_caller_and_the_engine_serves_on(engine):
+    """``sglang.Engine`` shares the HTTP server's request checks (plugin/prompt_checks.py): the error reaches the
+    caller, and the scheduler never sees the request."""
+    for bad in (dict(input_ids=[1, 2, 10**9]), dict(prompt="")):
+        with pytest.raises(ValueError, match="outside the model's vocabulary|the prompt has no tokens"):
+            engine.generate(**bad, sampling_params=GREEDY)
+    assert engine.generate(SHORT_PROMPTS[0], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 8
