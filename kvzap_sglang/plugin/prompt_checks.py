@@ -4,9 +4,9 @@ Three requests kill a stock SGLang 0.5.23 scheduler (measured on CPU, with and w
 that tokenizes to nothing (``{"text": ""}`` with SmolLM2's tokenizer, which adds no BOS: the first forward reshapes
 a 0-token batch and raises), ``input_ids`` outside the vocabulary (the embedding lookup raises ``IndexError``) and,
 with ``--disable-radix-cache``, ``input_embeds`` rows that are not ``hidden_size`` long (the model raises
-``ValueError`` in the scheduler). The scheduler dies, and with it every running request and the server. SGLang checks neither in
-``TokenizerManager._validate_one_request``, which runs in the HTTP process before anything is queued and whose
-``ValueError`` is already answered with a 400; so the check goes there. Stock servers (KVzap off) are left as they
+``ValueError`` in the scheduler). The scheduler dies, and with it every running request and the server. SGLang
+checks none of the three in ``TokenizerManager._validate_one_request``, which runs in the HTTP process before
+anything is queued and whose ``ValueError`` is already answered with a 400; so the check goes there. Stock servers (KVzap off) are left as they
 are.
 """
 
