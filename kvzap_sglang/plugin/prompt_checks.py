@@ -6,20 +6,20 @@ a 0-token batch and raises), ``input_ids`` outside the vocabulary (the embedding
 with ``--disable-radix-cache``, ``input_embeds`` rows that are not ``hidden_size`` long (the model raises
 ``ValueError`` in the scheduler). The scheduler dies, and with it every running request and the server. SGLang
 checks none of the three in ``TokenizerManager._validate_one_request``, which runs in the HTTP process before
-anything is queued and whose ``ValueError`` is already answered with a 400; so the check goes there. Stock servers (KVzap off) are left as they
-are.
+anything is queued and whose ``ValueError`` is already answered with a 400; so the check goes there. Stock servers
+(KVzap off) are left as they are.
 """
 
 from __future__ import annotations
 
-from kvzap_sglang.plugin.settings import KVzapSettings
+from kvzap_sglang.plugin.settings import kvzap_enabled
 
 
 def refuse_crashing_prompts(original, self, obj, input_ids):
     """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, a token id outside
     ``[0, vocab_size)`` or embeddings not ``[tokens, hidden_size]`` is a ``ValueError`` (HTTP 400) before SGLang's
     own checks."""
-    if KVzapSettings.from_env() is not None:
+    if kvzap_enabled():  # read per request: the launcher exports the settings after this hook is registered
         embeds = getattr(obj, "input_embeds", None)
         if embeds is not None:
             check_prompt_embeds(embeds, self.model_config.hidden_size)

@@ -94,16 +94,21 @@ class KVzapSettings:
     def from_env(cls, environ: dict[str, str] | None = None) -> KVzapSettings | None:
         """The settings exported by the launcher, or ``None`` when KVzap is off (``KVZAP_THRESHOLD`` unset)."""
         env = os.environ if environ is None else environ
-        raw = env.get(ENV_THRESHOLD, "").strip()
-        if not raw:
+        if not kvzap_enabled(env):
             return None
         return cls(
-            threshold=parse_threshold(raw),
+            threshold=parse_threshold(env[ENV_THRESHOLD].strip()),
             surrogate=env.get(ENV_SURROGATE, DEFAULT_SURROGATE) or DEFAULT_SURROGATE,
             window=parse_window(env.get(ENV_WINDOW, str(DEFAULT_WINDOW))),
             score_decode=not _parse_flag(env.get(ENV_NO_DECODE, ""), ENV_NO_DECODE),
             tenants=env.get(ENV_TENANTS) or None,
         )
+
+
+def kvzap_enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether the launcher exported KVzap settings (``KVZAP_THRESHOLD`` set): one lookup, nothing parsed."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(ENV_THRESHOLD, "").strip())
 
 
 def clear_env() -> None:
