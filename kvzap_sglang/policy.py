@@ -57,6 +57,8 @@ def window_exits(prev_len: int, new_len: int, window: int = DEFAULT_WINDOW) -> r
     """
     if not 0 <= prev_len <= new_len:
         raise ValueError(f"sequence lengths must satisfy 0 <= prev_len <= new_len, got {prev_len}, {new_len}")
+    if window < 0:  # a negative window would reach past the sequence's end
+        raise ValueError(f"window must be >= 0, got {window}")
     return range(max(prev_len - window, 0), max(new_len - window, 0))
 
 

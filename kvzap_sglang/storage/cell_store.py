@@ -11,8 +11,8 @@ Tensors (``S = num_slots``, ``N = num_cells``, ``L = layers``, ``H = kv_heads``,
   SGLang's dummy slot 0 land there, and index tensors are padded with it).
 * ``slot_to_cell``: int32 ``[S + 1, L, H]``; ``-1`` = no cell (pruned, freed or never written). Slot 0 is SGLang's
   padding slot and never maps to a cell.
-* ``slot_scores``: ``[S + 1, L, H]`` in ``score_dtype`` (float32 by default: bf16's ~0.03 step at |score|≈4 would
-  move entries across τ and break equality with ``policy.keep_mask``); NaN = no score (the DMS rule keeps it).
+* ``slot_scores``: float32 ``[S + 1, L, H]`` (``SCORE_DTYPE``: bf16's ~0.03 step at |score|≈4 would move entries
+  across τ and break equality with ``policy.keep_mask``); NaN = no score (the DMS rule keeps it).
 
 Per-slot bookkeeping (``[S + 1]`` each), kept exact by every write/reserve/prune/free:
 
@@ -41,13 +41,16 @@ from kvzap_sglang.storage.slot_tags import SlotTags
 NO_CELL = -1
 NUM_GROUPS = 3  # slot owner tags 0..2 (0 = untagged); the radix cache uses 1 = evictable, 2 = protected
 MAX_TENANTS = 64  # tenant tags 0..63 (0 = the default tenant)
+# Scores are kept in float32, never coarser: τ is compared with them in their dtype, and bf16 would round τ too
+# (−4.3 → −4.3125) and move entries across it, so decisions would no longer equal ``policy.keep_mask``'s.
+SCORE_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
 class CellStoreConfig:
     """Sizes and dtypes of a ``CellStore``.
 
-    ``num_slots`` virtual token slots are cheap (``L·H·(4 + score bytes)`` of map per slot, vs ``2·L·H·d·dtype``
+    ``num_slots`` virtual token slots are cheap (``L·H·(4 + 4)`` bytes of map per slot, vs ``2·L·H·d·dtype``
     bytes of K/V per full token), so size them generously; ``num_cells`` is the real memory budget.
     """
 
@@ -58,7 +61,6 @@ class CellStoreConfig:
     head_dim: int
     v_head_dim: int | None = None  # only equal K/V head dims are supported (SmolLM2, Llama, Qwen)
     dtype: torch.dtype = torch.bfloat16
-    score_dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ class CellStore:
         self.v_cells = torch.zeros(c.num_cells + 1, c.head_dim, dtype=c.dtype, device=device)
         shape = (c.num_slots + 1, c.num_layers, c.num_kv_heads)
         self.slot_to_cell = torch.full(shape, NO_CELL, dtype=torch.int32, device=device)
-        self.slot_scores = torch.full(shape, float("nan"), dtype=c.score_dtype, device=device)
+        self.slot_scores = torch.full(shape, float("nan"), dtype=SCORE_DTYPE, device=device)
         self.allocator = CellAllocator(c.num_cells, device=device)
         self.slot_cells = torch.zeros(c.num_slots + 1, dtype=torch.int32, device=device)
         self.slot_decided = torch.full((c.num_slots + 1,), float("nan"), dtype=torch.float32, device=device)
@@ -150,6 +152,8 @@ class CellStore:
         n, h, d = slots.numel(), self.config.num_kv_heads, self.config.head_dim
         if k.numel() != n * h * d or v.numel() != n * h * d:
             raise ValueError(f"write(): k/v must hold [{n}, {h}, {d}] values, got {tuple(k.shape)}, {tuple(v.shape)}")
+        if scores is not None and scores.numel() != n * h:
+            raise ValueError(f"write(): scores must hold [{n}, {h}] values, got {tuple(scores.shape)}")
         k, v = k.reshape(n, h, d), v.reshape(n, h, d)
         # Every layer of every forward comes here, so the common case (each entry holds its cell: the pool reserves
         # a slot's cells when it hands the slot out) is kept to a few ops; the rest only runs when needed.
@@ -212,7 +216,7 @@ class CellStore:
         # In place on the layer's column, then slot 0 back to "no score": two ops instead of masking slot 0 out,
         # which cost ~5x more per layer on CPU (this runs on every layer of every forward).
         column = self.slot_scores[:, layer]
-        column.index_copy_(0, slots, scores.to(self.config.score_dtype))
+        column.index_copy_(0, slots, scores.to(SCORE_DTYPE))
         column[0] = float("nan")
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -54,6 +54,10 @@ class WindowTracker:
         token_slots = token_slots.to(device=self.device, dtype=torch.int64)
         if rows.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
+        if token_slots.shape[0] != rows.numel() or token_slots.shape[1] < int(new_lens.max()):
+            raise ValueError(  # positions past T would be in the window but hold no reference
+                f"token_slots must be [{rows.numel()}, >= {int(new_lens.max())}], got {tuple(token_slots.shape)}"
+            )
         lo, hi = self.lo[rows], self.hi[rows]
         if bool((new_lens < hi).any()):
             raise ValueError("a request's length went down between forwards")
@@ -77,6 +81,8 @@ class WindowTracker:
         ``row_slots``: the row's slot ids by position (``req_to_token[row]``), at least ``hi`` long.
         """
         lo, hi = int(self.lo[row]), int(self.hi[row])
+        if row_slots.numel() < hi:
+            raise ValueError(f"row {row}'s window ends at {hi} but {row_slots.numel()} slots were given")
         if hi:
             self._add(row_slots[lo:hi].to(device=self.device, dtype=torch.int64), -1)
         self.lo[row] = self.hi[row] = 0

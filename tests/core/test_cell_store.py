@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_sglang.storage import NO_CELL, CellStore, CellStoreConfig, InvalidCellFree, OutOfCells
+from kvzap_sglang.storage import NO_CELL, CellStore, CellStoreConfig, InvalidCellFree, OutOfCells, prune_decided
 
 L, H, D = 3, 2, 4
 
@@ -125,6 +125,7 @@ def test_duplicate_slot_in_one_write_is_rejected_before_any_change():
         lambda s: s.prune_entries(slots(1), torch.tensor([L]), torch.tensor([0])),
         lambda s: s.free_slots(slots(99)),
         lambda s: s.write(0, slots(1, 2), *kv(1)),
+        lambda s: s.write(0, slots(1, 2), *kv(2), scores=torch.zeros(3)),  # checked before any cell is handed out
     ],
 )
 def test_invalid_arguments_raise_value_error(call):
@@ -132,6 +133,14 @@ def test_invalid_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call(store)
     assert store.used_cells() == 0
+
+
+def test_scores_are_kept_in_float32_whatever_the_kv_dtype_so_tau_is_not_rounded():
+    store = make_store(dtype=torch.bfloat16)
+    store.write(0, slots(1), *kv(1), scores=torch.tensor([[-4.3125, -4.29]]))  # -4.3 in bf16 is -4.3125
+    assert store.slot_scores.dtype == torch.float32
+    freed = prune_decided(store, 0, slots(1), -4.3)
+    assert freed == 1 and store.read(0, slots(1))[2].tolist() == [[False, True]]
 
 
 def test_config_rejects_unequal_head_dims_and_empty_sizes():

@@ -41,6 +41,8 @@ def test_window_exits():
     assert window_exits(5, 5, 0) == range(5, 5)
     with pytest.raises(ValueError):
         window_exits(10, 9)
+    with pytest.raises(ValueError, match="window"):
+        window_exits(0, 3, -1)  # would name position 3 of a 3-token sequence
 
 
 @pytest.mark.parametrize("window", [0, 1, 7, 128])
