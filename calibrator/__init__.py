@@ -11,6 +11,7 @@ from calibrator.curves import InMemoryCurves, RequestCurves
 from calibrator.errors import (
     CalibrationError,
     InvalidTargetError,
+    StoreOutcomeUnknownError,
     StoreUnavailableError,
     TargetUnreachableError,
     ThresholdNotFoundError,
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidTargetError",
     "RequestCurves",
     "ScoreSummary",
+    "StoreOutcomeUnknownError",
     "StoreUnavailableError",
     "TargetUnreachableError",
     "ThresholdFit",

@@ -61,6 +61,12 @@ class ThresholdNotFoundError(CalibrationError, LookupError):
 
 
 class StoreUnavailableError(CalibrationError):
-    """Redis could not be reached or failed mid-operation; nothing was written."""
+    """Redis could not be reached or failed mid-operation; nothing was written (StoreOutcomeUnknownError: maybe)."""
 
     code = "store_unavailable"
+
+
+class StoreOutcomeUnknownError(StoreUnavailableError):
+    """Redis failed after a write was sent and before its reply arrived: the write may or may not have run."""
+
+    code = "store_outcome_unknown"

@@ -15,11 +15,13 @@ are quantised to 1/65535 (error <= 7.7e-6, far below the bin resolution). Retent
 than ``max_requests`` the oldest whole segment is dropped; every key written expires ``retention_s`` after its
 last write. Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
 when the connection drops; Redis has no rollback for commands failing inside EXEC, so key types are checked
-under WATCH first).
+under WATCH first). The same EXEC writes ``P:batch:ID``, a marker of the batch (TTL ``BATCH_MARKER_TTL_S``): a
+retry finds it when an earlier attempt's EXEC ran although its reply was lost, and stores nothing again.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +31,27 @@ import redis
 
 from calibrator.bins import NUM_EDGES
 from calibrator.curves import InMemoryCurves
-from calibrator.errors import StoreUnavailableError
+from calibrator.errors import StoreOutcomeUnknownError, StoreUnavailableError
 from calibrator.series import SeriesKey, decode_members, unavailable
 from calibrator.summary import ScoreSummary
 
 QUANTUM = 65535  # uint16 full scale for a fraction in [0, 1]
 _MAX_WATCH_RETRIES = 20
+# A marker only has to outlive the retries of its own ingest (each a few round trips, bounded by the socket timeout).
+BATCH_MARKER_TTL_S = 600
+
+# Removes the index members whose series has no segment list, in one atomic step: an ingest that revives a series
+# (its MULTI writes the list and SADDs the member) cannot land between the check and the SREM.
+# KEYS[1] = the index, KEYS[i + 1] = the segment list of ARGV[i] (a member).
+_REMOVE_DEAD_SERIES = """
+local removed = 0
+for i, member in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], member)
+  end
+end
+return removed
+"""
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,9 @@ class _Keys:
 
     def meta(self, s: SeriesKey) -> str:
         return f"{self.prefix}meta:{s.encode()}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
 
     def seg(self, s: SeriesKey, sid: int) -> str:
         return f"{self.prefix}seg:{s.encode()}:{sid}"
@@ -155,30 +175,56 @@ class SampleStore:
     """Ingest summaries and serve fit data, in Redis under ``prefix``."""
 
     def __init__(self, client: redis.Redis, prefix: str = "kvzap:", limits: StoreLimits | None = None) -> None:
+        self.limits = limits or StoreLimits()
+        if self.limits.segment_size > self.limits.max_requests:
+            raise ValueError(
+                f"segment_size {self.limits.segment_size} is larger than max_requests {self.limits.max_requests}: "
+                "retention drops whole segments, so a series would hold up to segment_size requests"
+            )
         self.client = client
         self.keys = _Keys(prefix)
-        self.limits = limits or StoreLimits()
+        self._remove_dead_series = client.register_script(_REMOVE_DEAD_SERIES)
 
     # ---- writes -------------------------------------------------------------------------------------------
     def ingest(self, summaries: Iterable[ScoreSummary]) -> int:
-        """Store a batch atomically; returns how many summaries were stored. Raises StoreUnavailableError."""
+        """Store a batch atomically, once; returns how many summaries were stored. Raises StoreUnavailableError
+        (nothing was written) or StoreOutcomeUnknownError (an EXEC went out and its outcome could not be learnt)."""
         groups: dict[SeriesKey, list[ScoreSummary]] = defaultdict(list)
         for summary in summaries:
             groups[SeriesKey(summary.model, summary.task, summary.tenant)].append(summary)
         rows = {series: _Rows.of(items) for series, items in groups.items()}
+        stored = sum(len(items) for items in groups.values())
+        marker = self.keys.batch(uuid.uuid4().hex)
+        exec_unanswered = False  # an EXEC went out and neither its reply nor the marker told whether it ran
         try:
             with self.client.pipeline(transaction=True) as pipe:
                 for _ in range(_MAX_WATCH_RETRIES):
                     try:
-                        self._ingest_once(pipe, rows)
-                        return sum(len(items) for items in groups.values())
+                        pipe.watch(marker)  # an EXEC of an earlier attempt landing from now on aborts this one
+                        if pipe.exists(marker):
+                            return stored  # an earlier attempt's EXEC ran; its reply was lost
+                        exec_unanswered = False
+                        self._queue_batch(pipe, rows, marker)
+                        exec_unanswered = True
+                        pipe.execute()
+                        return stored
                     except redis.WatchError:
+                        # A conflict, or (redis-py reports both alike) a connection dropped while watching, maybe
+                        # after Redis ran the EXEC: the next attempt reads the marker first.
                         continue
+            if self.client.exists(marker):  # the last attempt's reply may have been the one lost
+                return stored
             raise StoreUnavailableError("too much concurrent ingestion on the same series; nothing was written")
         except redis.RedisError as error:
+            if exec_unanswered:
+                raise StoreOutcomeUnknownError(
+                    f"Redis became unavailable after the batch was sent ({type(error).__name__}: {error}); it may "
+                    "have been stored, and sending it again may store it twice"
+                ) from error
             raise unavailable(error) from error
 
-    def _ingest_once(self, pipe: redis.client.Pipeline, rows: dict[SeriesKey, _Rows]) -> None:
+    def _queue_batch(self, pipe: redis.client.Pipeline, rows: dict[SeriesKey, _Rows], marker: str) -> None:
+        """Reads what the writes depend on under WATCH, then queues the batch and its marker in MULTI."""
         plans = {}
         for series in rows:  # immediate-mode reads under WATCH
             pipe.watch(self.keys.segs(series), self.keys.meta(series), self.keys.raw(series))
@@ -195,7 +241,7 @@ class SampleStore:
         pipe.multi()
         for series, data in rows.items():
             self._write_series(pipe, series, data, *plans[series])
-        pipe.execute()
+        pipe.set(marker, 1, ex=BATCH_MARKER_TTL_S)
 
     def _check_types(self, pipe: redis.client.Pipeline, series: SeriesKey) -> None:
         """Redis has no rollback: a command failing inside EXEC (WRONGTYPE) would leave the others applied, so
@@ -262,10 +308,11 @@ class SampleStore:
             alive = self._alive(series)
         except redis.RedisError as error:
             raise unavailable(error) from error
-        dead = [s.encode() for s, ok in zip(series, alive) if not ok]
+        dead = [s for s, ok in zip(series, alive) if not ok]
         if dead:
-            try:
-                self.client.srem(self.keys.series_set(), *dead)
+            try:  # checked again inside the script: an ingest may have revived a series since _alive
+                self._remove_dead_series(keys=[self.keys.series_set(), *(self.keys.segs(s) for s in dead)],
+                                         args=[s.encode() for s in dead])
             except redis.RedisError:
                 pass  # lazy clean-up only; the read result is already correct
         return [s for s, ok in zip(series, alive) if ok]

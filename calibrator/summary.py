@@ -38,7 +38,8 @@ class ScoreSummary(BaseModel):
     timestamp: float = Field(default_factory=time.time, ge=0, le=1e11, description="unix seconds")
     num_layers: int = Field(ge=1, le=1024)
     num_kv_heads: int = Field(ge=1, le=1024)
-    num_tokens: int = Field(ge=0, le=100_000_000)
+    # Counted as 0 % removed, a request without tokens (removed fraction 0/0) would drag the mean down and τ up.
+    num_tokens: int = Field(ge=1, le=100_000_000, description="tokens of the request (0 has no removed fraction)")
     window: int = Field(ge=0, le=100_000_000, description="protected recent tokens (policy window)")
     buckets: list[int] = Field(default_factory=list, max_length=NUM_BUCKETS, description="non-empty bucket ids, increasing")
     counts: list[int] = Field(default_factory=list, max_length=NUM_BUCKETS, description="entries per listed bucket, > 0")
@@ -98,6 +99,8 @@ def summarize(
     if scores.ndim != 3:
         raise ValueError(f"scores must be [layers, kv_heads, tokens], got shape {scores.shape}")
     num_layers, num_kv_heads, num_tokens = scores.shape
+    if num_tokens == 0:
+        raise ValueError("scores have no tokens: a request without tokens has no removed fraction; skip it")
     eligible = scores[..., : max(num_tokens - window, 0)]
     dense = np.bincount(bucket_index(eligible).ravel(), minlength=NUM_BUCKETS)
     (buckets,) = np.nonzero(dense)

@@ -69,10 +69,11 @@ class Health(BaseModel):
 
 
 ERROR_RESPONSES = {
-    400: {"model": ErrorBody, "description": "body could not be parsed"},
+    400: {"model": ErrorBody, "description": "body is not valid JSON, or a malformed Content-Length"},
     401: {"model": ErrorBody, "description": "missing or invalid X-API-Key"},
     403: {"model": ErrorBody, "description": "the key's tenant does not own this entry"},
     413: {"model": ErrorBody, "description": "body or batch over the configured limits"},
     422: {"model": ValidationErrorBody, "description": "request does not match the schema"},
-    503: {"model": ErrorBody, "description": "Redis unavailable; nothing was written"},
+    503: {"model": ErrorBody, "description": "Redis unavailable: nothing was written (store_unavailable), or a "
+                                             "write went out and its outcome is unknown (store_outcome_unknown)"},
 }

@@ -85,6 +85,15 @@ class Settings(BaseSettings):
                              "one role (admin or one tenant)")
         return self
 
+    @model_validator(mode="after")
+    def _segments_fit_the_bound(self) -> Settings:
+        """Retention drops whole segments: with larger segments a series would hold up to segment_size requests,
+        whatever the bound says (SampleStore refuses such limits too; here the start-up stops naming the settings)."""
+        if self.segment_size > self.max_requests_per_series:
+            raise ValueError(f"KVZAP_SEGMENT_SIZE ({self.segment_size}) is larger than KVZAP_MAX_REQUESTS_PER_SERIES "
+                             f"({self.max_requests_per_series}), which it could not bound; lower KVZAP_SEGMENT_SIZE")
+        return self
+
     @field_validator("known_models")
     @classmethod
     def _model_names(cls, value: list[str]) -> list[str]:

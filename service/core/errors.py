@@ -81,6 +81,12 @@ def validation_errors(error: RequestValidationError) -> list[dict]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI reports a body that is not JSON as a validation error; it is a 400 (schemas.ERROR_RESPONSES).
+        unparsable = [e for e in error.errors() if e["type"] == "json_invalid"]
+        if unparsable:
+            reason, at = unparsable[0].get("ctx", {}).get("error", "JSON decode error"), unparsable[0]["loc"][-1]
+            return JSONResponse(error_body("bad_request", f"body is not valid JSON: {reason} (at character {at})"),
+                                status_code=400)
         errors = validation_errors(error)
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         return JSONResponse(error_body("invalid_request", detail, errors=errors), status_code=422)

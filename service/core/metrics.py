@@ -7,6 +7,11 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# The method is a label, and any token is a valid HTTP method: the rest count as OTHER (bounded cardinality).
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# nginx's "client closed request": the client left before a response was sent. Not a server error.
+CLIENT_CLOSED_REQUEST = 499
+
 
 class ServiceMetrics:
     def __init__(self) -> None:
@@ -20,7 +25,8 @@ class ServiceMetrics:
 
 
 class MetricsMiddleware:
-    """Counts and times every request by its route template (never by raw path: bounded label cardinality)."""
+    """Counts and times every request by its route template (never by raw path) and standard method: bounded label
+    cardinality. A request whose client left before any response counts as 499, not as an error."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -30,8 +36,14 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, disconnected = None, False
         start = time.perf_counter()
+
+        async def watch_disconnect() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
 
         async def record_status(message: Message) -> None:
             nonlocal status
@@ -40,11 +52,16 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, record_status)
+            await self.app(scope, watch_disconnect, record_status)
+        except Exception:
+            status = status or 500  # ServerErrorMiddleware, outside this one, answers it with a 500
+            raise
         finally:
+            if status is None:  # the app returned without a response
+                status = CLIENT_CLOSED_REQUEST if disconnected else 500
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in STANDARD_METHODS else "OTHER"
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
-            if status >= 400:
+            if status >= 400 and status != CLIENT_CLOSED_REQUEST:
                 self.metrics.errors.labels(str(status)).inc()

@@ -7,9 +7,12 @@ import time
 
 import numpy as np
 import pytest
+import redis
+from redis.client import Pipeline
+from redis.connection import AbstractConnection
 
 from calibrator import InMemoryCurves, StoreUnavailableError, fit_threshold, summarize
-from calibrator.sample_store import SampleStore, StoreLimits
+from calibrator.sample_store import BATCH_MARKER_TTL_S, SampleStore, StoreLimits
 from calibrator.series import SeriesKey, connect
 
 
@@ -112,3 +115,73 @@ def test_foreign_data_under_the_prefix_is_skipped_or_named(redis_client, prefix,
     redis_client.hset(f"{prefix}seg:{SeriesKey('m', 't').encode()}:0:sum", "7", b"x")
     with pytest.raises(StoreUnavailableError, match=r":0:sum holds b'x'"):
         store.curves("m", "t")
+
+
+def _lose_the_exec_reply(monkeypatch, then_unreachable=False):
+    """Failure injection (the only mock here): Redis runs the first MULTI … EXEC and replies, and the connection
+    then drops as if that reply were lost on the way (redis-py, still watching, reports it as a WatchError); with
+    ``then_unreachable`` every later connect fails too. Redis, the store and the data are real."""
+    real_execute, real_connect = Pipeline._execute_transaction, AbstractConnection.connect
+    lost = []
+
+    def execute(self, connection, commands, raise_on_error):
+        result = real_execute(self, connection, commands, raise_on_error)
+        if lost:
+            return result
+        lost.append(True)
+        self.watching = True  # the state redis-py is in when reading EXEC's reply fails
+        raise redis.ConnectionError("connection dropped before EXEC's reply arrived (injected)")
+
+    def connect(self):
+        if lost and then_unreachable:
+            raise redis.ConnectionError("Redis went away (injected)")
+        real_connect(self)
+
+    monkeypatch.setattr(Pipeline, "_execute_transaction", execute)
+    monkeypatch.setattr(AbstractConnection, "connect", connect)
+
+
+def test_a_reply_lost_after_exec_does_not_store_the_batch_twice(redis_client, prefix, monkeypatch):
+    store = SampleStore(redis_client, prefix)
+    _lose_the_exec_reply(monkeypatch)
+    assert store.ingest(_summaries(5)) == 5
+    monkeypatch.undo()
+    assert store.curves("m", "t").num_requests == 5
+    assert redis_client.xlen(f"{prefix}raw:m:t:*") == 5
+    markers = list(redis_client.scan_iter(match=f"{prefix}batch:*"))
+    assert len(markers) == 1 and 0 < redis_client.ttl(markers[0]) <= BATCH_MARKER_TTL_S
+
+
+def test_an_unknown_outcome_is_not_reported_as_nothing_written(redis_client, prefix, monkeypatch):
+    store = SampleStore(redis_client, prefix)
+    _lose_the_exec_reply(monkeypatch, then_unreachable=True)
+    with pytest.raises(StoreUnavailableError, match="may have been stored") as caught:
+        store.ingest(_summaries(5))
+    assert caught.value.code == "store_outcome_unknown" and "nothing was written" not in str(caught.value)
+    monkeypatch.undo()
+    assert store.curves("m", "t").num_requests == 5  # it was: Redis ran the EXEC whose reply was lost
+
+
+def test_pruning_a_dead_series_never_drops_one_revived_meanwhile(redis_client, prefix, monkeypatch):
+    """Another worker's ingest lands between series()'s liveness check and its clean-up of the index. The wrapper
+    around ``_alive`` only forces that interleaving; Redis and both stores are real."""
+    store = SampleStore(redis_client, prefix)
+    redis_client.sadd(f"{prefix}series", SeriesKey("m", "t").encode())  # listed without data: dead
+    real_alive = store._alive
+
+    def alive_then_concurrent_ingest(series):
+        alive = real_alive(series)
+        SampleStore(redis_client, prefix).ingest(_summaries(3))  # another worker's store
+        return alive
+
+    monkeypatch.setattr(store, "_alive", alive_then_concurrent_ingest)
+    assert store.series() == []  # dead when it was checked
+    monkeypatch.undo()
+    assert store.series() == [SeriesKey("m", "t")] and store.curves("m", "t").num_requests == 3
+
+
+def test_a_segment_larger_than_the_series_bound_is_refused(redis_client, prefix):
+    """Retention drops whole segments: with segment_size > max_requests a series would hold segment_size."""
+    with pytest.raises(ValueError, match="segment_size 10000 is larger than max_requests 100"):
+        SampleStore(redis_client, prefix, StoreLimits(max_requests=100))
+    SampleStore(redis_client, prefix, StoreLimits(max_requests=100, segment_size=100))

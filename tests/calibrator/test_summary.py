@@ -66,8 +66,14 @@ def test_window_covering_the_sequence_removes_nothing():
     summary = summarize(np.full((2, 2, 50), -30.0, dtype=np.float32), 50, model="m", task="t")
     assert summary.eligible_entries == 0 and summary.counts == []
     assert removed_fraction_at(summary, 16.0) == 0.0
-    empty = summarize(np.zeros((2, 2, 0), dtype=np.float32), 4, model="m", task="t")
-    assert removed_fraction_at(empty, 0.0) == 0.0
+
+
+def test_a_request_without_tokens_is_refused():
+    """It has no removed fraction (0/0): counted as 0 % removed, it would drag the mean down and τ up."""
+    with pytest.raises(ValueError, match="no tokens: a request without tokens has no removed fraction"):
+        summarize(np.zeros((2, 2, 0), dtype=np.float32), 4, model="m", task="t")
+    with pytest.raises(ValidationError, match="num_tokens\n  Input should be greater than or equal to 1"):
+        ScoreSummary(model="m", task="t", num_layers=2, num_kv_heads=2, num_tokens=0, window=0)
 
 
 def test_json_round_trip_and_bounded_size():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from statistics import NormalDist
 
@@ -205,3 +206,60 @@ def test_a_malformed_content_length_is_a_400(api):
         assert response.json()["error"] == "bad_request" and "is not a non-negative integer" in response.json()["detail"]
     too_large = api.post("/calibrate", content=b"{}", headers={**ADMIN, "content-length": "2000001"})
     assert too_large.status_code == 413
+
+
+def test_unknown_http_methods_share_one_metrics_label(api):
+    for method in ("M00001", "M00002", "BREW"):
+        assert api.request(method, "/healthz").status_code == 405
+    lines = [line for line in api.get("/metrics").text.splitlines() if line.startswith("kvzap_http_request")]
+    assert any('method="OTHER"' in line and 'status="405"} 3.0' in line for line in lines), lines
+    assert not any(name in line for line in lines for name in ("M00001", "M00002", "BREW"))
+
+
+def test_a_tenant_never_learns_another_tenants_models(api, make_summaries):
+    for model, key in (("beta-model", BETA), ("acme-model", ACME), ("admin-model", ADMIN)):
+        assert api.post("/samples", json={"samples": make_summaries(2, model=model)}, headers=key).status_code == 200
+    for response in (api.post("/calibrate", json={"model": "ghost", "task": "t", "target_ratio": 0.5}, headers=ACME),
+                     api.put("/thresholds/ghost/t", json={"tau": 1.0}, headers=ACME)):
+        assert response.status_code == 404, response.text
+        assert response.json()["detail"].endswith("(known: ['acme-model', 'configured-model'])")
+    beta_model = api.put("/thresholds/beta-model/t", json={"tau": 1.0}, headers=ACME)  # as unknown to acme as a ghost
+    assert beta_model.status_code == 404 and "beta-model" not in beta_model.json()["detail"].split("known:")[1]
+    assert api.put("/thresholds/acme-model/t", json={"tau": 1.0}, headers=ACME).status_code == 200
+    admin = api.put("/thresholds/ghost/t", json={"tau": 1.0}, headers=ADMIN)
+    assert admin.json()["detail"].endswith("(known: ['acme-model', 'admin-model', 'beta-model', 'configured-model'])")
+
+
+def test_a_client_gone_mid_body_is_a_499_not_an_error(make_settings):
+    """Driven through the ASGI interface by hand: a client that sends half a body, then disconnects."""
+    app = create_app(make_settings())
+    incoming = iter([{"type": "http.request", "body": b'{"samples":', "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(incoming)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/samples", "raw_path": b"/samples", "root_path": "", "query_string": b"",
+             "headers": [(b"x-api-key", b"test-admin-key"), (b"content-type", b"application/json"),
+                         (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    assert sent == []  # nobody to answer
+    with TestClient(app) as api:
+        text = api.get("/metrics").text
+    assert 'kvzap_http_requests_total{method="POST",route="unmatched",status="499"} 1.0' in text
+    assert "kvzap_errors_total{" not in text and 'status="500"' not in text
+
+
+def test_malformed_json_is_a_400_with_the_reason(api):
+    for method, path in (("POST", "/calibrate"), ("POST", "/samples"), ("PUT", "/thresholds/m/t")):
+        response = api.request(method, path, content=b'{"model": "m", ',
+                               headers={**ADMIN, "content-type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        body = response.json()
+        assert body["error"] == "bad_request" and body["detail"].startswith("body is not valid JSON: "), body
+        assert set(body) == {"error", "detail"}

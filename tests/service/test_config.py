@@ -53,3 +53,11 @@ def test_keys_from_the_environment_are_checked_too(monkeypatch):
     with pytest.raises(ValidationError, match="also listed in KVZAP_ADMIN_API_KEYS") as caught:
         load_settings()
     assert "shared-secret" not in str(caught.value)
+
+
+def test_a_segment_larger_than_the_series_bound_stops_the_start():
+    """Retention drops whole segments: a series would hold up to segment_size requests, whatever the bound."""
+    with pytest.raises(ValidationError, match=r"KVZAP_SEGMENT_SIZE \(10000\) is larger than "
+                                              r"KVZAP_MAX_REQUESTS_PER_SERIES \(100\)"):
+        Settings(max_requests_per_series=100)
+    assert Settings(max_requests_per_series=100, segment_size=100).store_limits().max_segments == 1

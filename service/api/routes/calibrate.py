@@ -26,10 +26,12 @@ CALIBRATE_ERRORS = {
 }
 
 
-def require_known_model(model: str, settings: Settings, samples: SampleStore) -> None:
+def require_known_model(model: str, settings: Settings, samples: SampleStore, caller: Caller) -> None:
+    """The configured models and those sampled in series the caller may read: another tenant's model names are
+    that tenant's, so a tenant key never sees them (not even as a 404 that differs from an unknown model's)."""
     if model in settings.known_models:
         return
-    known = samples.models()
+    known = {s.model for s in samples.series() if caller.may_read(s.tenant)}
     if model not in known:
         names = sorted(known | set(settings.known_models))
         raise UnknownModelError(f"unknown model {model!r}: no samples stored and not configured (known: {names})")
@@ -49,7 +51,7 @@ def calibrate(
     tenant = caller.tenant_for(body.tenant)
     series = SeriesKey(body.model, body.task, tenant)
     try:
-        require_known_model(body.model, settings, samples)
+        require_known_model(body.model, settings, samples, caller)
         report = fit_threshold(
             samples.curves(body.model, body.task, tenant),
             body.target_ratio,

@@ -62,7 +62,7 @@ def put_threshold(
 ) -> ThresholdRecord:
     """Set τ by hand (admin: any entry; tenant key: its own tenant's entry). The model must be known."""
     effective = caller.tenant_for(tenant)
-    require_known_model(model, settings, samples)
+    require_known_model(model, settings, samples, caller)
     record = ThresholdRecord(
         model=model, task=task, tenant=effective, tau=update.tau, source="manual",
         updated_by="admin" if caller.is_admin else f"tenant:{caller.tenant}",
