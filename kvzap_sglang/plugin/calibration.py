@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvzap_sglang.plugin import runtime
-from kvzap_sglang.tenants import tenant_of_extra_key
 from kvzap_sglang.plugin.settings import (
     ENV_THRESHOLD,
     CalibrationSettings,
@@ -185,6 +184,7 @@ class CalibrationLink:
     last_error: str | None = field(default=None, repr=False)
     tenant_watchers: dict = field(default_factory=dict)  # tenant name → ThresholdWatcher (--kvzap-tenants)
     fixed_tau_tenants: frozenset = frozenset()  # tenants whose τ the tenants file sets
+    applied_records: dict = field(default_factory=dict)  # tenant name → the last ThresholdRecord applied
 
     @classmethod
     def start(cls, settings: CalibrationSettings, model_id: str, initial_tau: float) -> CalibrationLink:
@@ -208,15 +208,20 @@ class CalibrationLink:
         tenants = tenants_config()
         if tenants is not None:
             store = ThresholdStore(client, settings.redis_prefix)
+            # Every tenant, ``default`` included: each resolves its own (model, task, tenant) τ, else (model, task)'s.
             link.tenant_watchers = {
                 name: ThresholdWatcher(store, model_id, settings.task, name, poll_interval_s=settings.tau_poll_s).start()
-                for name in tenants.tenants
+                for name in tenants.specs()
             }  # fmt: skip
-            link.fixed_tau_tenants = frozenset(n for n, spec in tenants.tenants.items() if spec.threshold is not None)
+            link.fixed_tau_tenants = frozenset(n for n, spec in tenants.specs().items() if spec.threshold is not None)
         return link
 
     def apply_tau(self, rt: runtime.KvzapRuntime) -> None:
-        """Make the watcher's τ the runtime's τ (scheduler thread, between forwards)."""
+        """Make the watcher's τ the runtime's τ (scheduler thread, between forwards). With tenants, the tenant
+        watchers (``apply_tenant_taus``) decide every τ, the default tenant's too: a (model, task) τ must not
+        replace a τ the tenants file sets for ``[default]``."""
+        if self.tenant_watchers:
+            return
         tau = self.watcher.tau  # one attribute read: the watcher thread replaces it atomically
         if tau is None or tau == rt.settings.threshold:
             return
@@ -235,15 +240,17 @@ class CalibrationLink:
         if rt.tenants is None:
             return
         for name, watcher in self.tenant_watchers.items():
-            tau, record = watcher.tau, watcher.record
-            if tau is None or record is None:
+            record = watcher.record  # one attribute read: the watcher thread replaces it atomically
+            # Applied once per new record: comparing with the tenant's τ in use would apply it again every step
+            # while that τ differs (kept inside threshold_range, or tightened before queueing).
+            if record is None or self.applied_records.get(name) == record:
                 continue
+            self.applied_records[name] = record
             if record.tenant != name and name in self.fixed_tau_tenants:
                 continue  # only the tenant's own record overrides a τ the tenants file sets
-            if rt.tenants.thresholds[rt.tenants.index(name)] != tau:
-                rt.set_tenant_threshold(name, tau)
-                self.tau_changes += 1
-                logger.info("KVzap τ of tenant %s -> %s (%s)", name, tau, record.source)
+            rt.set_tenant_threshold(name, record.tau)
+            self.tau_changes += 1
+            logger.info("KVzap τ of tenant %s -> %s (%s)", name, record.tau, record.source)
 
     def sample(self, req, tree_cache, rt: runtime.KvzapRuntime) -> None:
         """Summarise a finished request's scores and hand the summary to the sink (never blocks on Redis)."""
@@ -261,14 +268,20 @@ class CalibrationLink:
         if kv is None or not kv.holds_kv or kv.req_pool_idx is None or not self.sink.wants(req.rid):
             return
         tokens = int(kv.kv_allocated_len)  # the same count as meta_info["kvzap"]["tokens"]
+        if tokens == 0:
+            return  # a row without KV: no removed fraction (0/0), and the calibrator refuses num_tokens=0
         slots = tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx, :tokens]
         scores = rt.store.slot_scores.index_select(0, slots.to(device=rt.store.device, dtype=torch.int64))  # [T, L, H]
+        tenant, window = DEFAULT_TENANT, rt.settings.window
+        if rt.tenants is not None:  # the tenant the request ran as, at the window its entries were decided with
+            t = rt.tenants.index_of_request(req)
+            tenant, window = rt.tenants.names[t], rt.tenants.windows[t]
         summary = summarize(
             scores.permute(1, 2, 0).float().cpu().numpy(),  # [L, H, T]; NaN (unscored) is kept, as by the policy
-            rt.settings.window,
+            window,
             model=self.model_id,
             task=self.settings.task,
-            tenant=tenant_of_extra_key(getattr(req, "extra_key", None)) if rt.tenants is not None else DEFAULT_TENANT,
+            tenant=tenant,
         )
         self.sink.offer(summary)
 

@@ -3,7 +3,8 @@
 One server with ``--kvzap-tenants`` (constant surrogate: KV head 0 scores 0 < τ = 0.5, heads 1-2 kept; window 16):
 tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``tight`` the same budget
 with the tighten-before-queueing policy (τ within [0.5, 1.5]: under pressure head 1, scoring 1, goes too), ``acme``
-follows the calibration service. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
+follows the calibration service, ``narrow`` has its own window, ``[default]`` sets its τ in the file; every finished
+request is sampled into Redis. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
 tenant queues instead of exceeding its budget (sampled all along); a τ a tenant sets through the service applies
 to its new requests within seconds and to no other tenant; refused identities get 401/403.
 """
@@ -18,6 +19,9 @@ import pytest
 import requests
 from fastapi.testclient import TestClient
 
+from calibrator.sample_store import SampleStore
+from calibrator.series import SeriesKey
+from calibrator.summary import removed_fraction_at
 from kvzap_sglang.plugin.server_process import kvzap_state
 from service.app import create_app
 from service.core.config import Settings
@@ -27,12 +31,16 @@ pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
 KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1", "tight": "tight-test-key-1",
-        "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key"}
+        "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key", "narrow": "narrow-test-key-1"}
+NARROW_WINDOW = 4
 SMALL_BUDGET_TOKENS = 200
 CELLS_PER_TOKEN = 30 * 3
 FILLER = "The grass is green. The sky is blue. The sun is yellow. "
 
 TENANTS_TOML = f"""
+[default]
+threshold = 0.5
+
 [tenants.acme]
 api_key = "{KEYS['acme']}"
 
@@ -56,6 +64,10 @@ prefix_cache_group = "docs"
 [tenants.docs-b]
 api_key = "{KEYS['docs-b']}"
 prefix_cache_group = "docs"
+
+[tenants.narrow]
+api_key = "{KEYS['narrow']}"
+window = {NARROW_WINDOW}
 """
 
 
@@ -66,7 +78,7 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, modu
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
              "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
-             "--kvzap-sample-rate", "0", "--max-total-tokens", "4096"]  # fmt: skip
+             "--kvzap-sample-rate", "1", "--max-total-tokens", "4096"]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
 
@@ -88,6 +100,14 @@ def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -
 
 def tenants_state(url: str) -> dict:
     return kvzap_state(url)["tenants"]
+
+
+def wait_for(predicate, what: str, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.1)
+    return value
 
 
 def prompt(tag: str, fillers: int = 4) -> str:
@@ -222,12 +242,42 @@ def test_a_tenants_tau_set_through_the_service_applies_live_to_that_tenant_only(
     assert state["default"]["threshold"] == 0.5 and state["small"]["threshold"] == 0.5
 
 
+def test_a_model_task_tau_reaches_open_tenants_but_not_a_tau_the_tenants_file_sets(server, service):
+    """``[default]`` and ``keep`` set τ in the file; ``small`` leaves it open (a (model, task) τ once replaced the
+    default tenant's τ from the file)."""
+    admin = {"X-API-Key": "test-admin-key"}
+    assert service.put(f"/thresholds/{MODEL}/{TASK}", json={"tau": 0.75}, headers=admin).status_code == 200
+    wait_for(lambda: tenants_state(server)["small"]["threshold"] == 0.75, "small to follow the (model, task) τ")
+    state = tenants_state(server)
+    assert state["default"]["threshold"] == 0.5 and state["keep"]["threshold"] == -10.0
+    assert state["acme"]["threshold"] == -10.0  # its own record (previous test) still wins over (model, task)'s
+    # The default tenant's own record does replace the file's τ.
+    response = service.put(f"/thresholds/{MODEL}/{TASK}", json={"tau": 0.6}, params={"tenant": "default"},
+                           headers=admin)  # fmt: skip
+    assert response.status_code == 200
+    wait_for(lambda: tenants_state(server)["default"]["threshold"] == 0.6, "default to follow its own τ")
+    assert tenants_state(server)["small"]["threshold"] == 0.75
+
+
+def test_a_tenants_summaries_carry_its_window_and_predict_what_it_removed(server, module_prefix, redis_client):
+    """Summaries are filed under the request's tenant with the window its entries were decided with (they once
+    carried the server's window, so the service fitted τ for a tenant's own window on the wrong eligible set)."""
+    figures = generate(server, prompt("narrow-sampled"), "narrow").json()["meta_info"]["kvzap"]
+    store = SampleStore(redis_client, module_prefix)
+    summaries = wait_for(lambda: store.raw(SeriesKey(MODEL, TASK, "narrow"), count=10), "narrow's summary in Redis")
+    assert len(summaries) == 1 and summaries[0].window == NARROW_WINDOW
+    assert summaries[0].num_tokens == figures["tokens"]
+    tau = tenants_state(server)["narrow"]["threshold"]
+    assert removed_fraction_at(summaries[0], tau) == pytest.approx(figures["removed_fraction"], abs=1e-12)
+    assert figures["removed_fraction"] == pytest.approx((figures["tokens"] - NARROW_WINDOW) / figures["tokens"] / 3)
+
+
 def test_the_status_command_prints_every_tenants_row(server, capsys):
     from kvzap_sglang.cli import main
 
     assert main(["status", "--url", server]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b"}
+    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow"}
     assert rows["keep"][1:3] == ["-10.000", "-10.000"] and rows["small"][5] == str(SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN)
 
 
