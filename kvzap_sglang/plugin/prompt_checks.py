@@ -8,11 +8,17 @@ with ``--disable-radix-cache``, ``input_embeds`` rows that are not ``hidden_size
 checks none of the three in ``TokenizerManager._validate_one_request``, which runs in the HTTP process before
 anything is queued and whose ``ValueError`` is already answered with a 400; so the check goes there. Stock servers
 (KVzap off) are left as they are.
+
+Two more requests are refused there only because of KVzap: beam search (``beam_width > 1``: SGLang frees its extra
+rows without ``release_kv_cache``, so their windows would stay referenced and the idle check stop the scheduler),
+and, with tenants, an ``extra_key`` naming a tenant namespace that the tenant middleware did not write
+(``tenants.refuse_unvouched_tenant_keys``).
 """
 
 from __future__ import annotations
 
 from kvzap_sglang.plugin.settings import kvzap_enabled
+from kvzap_sglang.plugin.tenants import refuse_unvouched_tenant_keys
 
 
 def refuse_crashing_prompts(original, self, obj, input_ids):
@@ -20,12 +26,23 @@ def refuse_crashing_prompts(original, self, obj, input_ids):
     ``[0, vocab_size)`` or embeddings not ``[tokens, hidden_size]`` is a ``ValueError`` (HTTP 400) before SGLang's
     own checks."""
     if kvzap_enabled():  # read per request: the launcher exports the settings after this hook is registered
+        check_no_beam_search(obj)
+        refuse_unvouched_tenant_keys(obj)
         embeds = getattr(obj, "input_embeds", None)
         if embeds is not None:
             check_prompt_embeds(embeds, self.model_config.hidden_size)
         elif input_ids is not None:
             check_prompt_ids(input_ids, self.model_config.vocab_size)
     return original(self, obj, input_ids)
+
+
+def check_no_beam_search(obj) -> None:
+    """SGLang's beam search forks and frees extra request rows outside ``release_kv_cache`` (``beam_search/fork``),
+    so their KVzap windows would never be released and the next idle check would stop the scheduler."""
+    params = getattr(obj, "sampling_params", None)
+    width = params.get("beam_width") if isinstance(params, dict) else None
+    if isinstance(width, int) and width > 1:
+        raise ValueError("beam search (sampling_params.beam_width > 1) is not supported with KVzap on")
 
 
 def check_prompt_ids(input_ids: list[int], vocab_size: int) -> None:

@@ -2,11 +2,12 @@
 per-tenant KV budgets at admission, per-tenant figures.
 
 * **Identity** (main process) — ``TenantMiddleware`` on SGLang's FastAPI app resolves the tenant of every
-  ``POST /generate``, ``/v1/completions`` and ``/v1/chat/completions`` (``TenantsConfig.resolve``: API key or
-  ``X-KVzap-Tenant``; 401/403 with a reason when refused) and writes it into the request's ``extra_key`` (SGLang's
-  radix-cache namespace), so a tenant's cached prefixes are not served to another (unless both name the same
-  ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the scheduler knows whose request it
-  runs. A body that sets a tenant namespace itself is refused (403).
+  ``POST``/``PUT`` to ``/generate``, ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/responses``
+  (``TenantsConfig.resolve``: API key or ``X-KVzap-Tenant``; 401/403 with a reason when refused) and writes it into
+  the request's ``extra_key`` (SGLang's radix-cache namespace), so a tenant's cached prefixes are not served to another (unless both name the
+  same ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the scheduler knows whose request it
+  runs. A body that sets a tenant namespace itself is refused (403 there; 400 on SGLang's other generation routes,
+  whose requests run as ``default``: ``refuse_unvouched_tenant_keys``).
 * **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
   and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The
   calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +51,16 @@ from kvzap_sglang.tenants import (
 logger = logging.getLogger(__name__)
 
 TENANT_HEADER = "x-kvzap-tenant"
-TENANT_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+# SGLang's routes whose body carries an extra_key into the scheduler (0.5.23); the check in the tokenizer manager
+# (refuse_unvouched_tenant_keys) covers any other route that starts to.
+TENANT_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
+TENANT_METHODS = ("POST", "PUT")  # SGLang serves /generate for both
+
+# The scheduler takes a request's tenant from its extra_key, so in the HTTP process a tenant namespace may only come
+# from TenantMiddleware: these are the extra_keys it wrote for the HTTP request being served (None outside one), and
+# ``refuse_unvouched_tenant_keys`` refuses any other (SGLang's other generation routes accept extra_key too).
+_vouched_extra_keys: ContextVar[frozenset[str] | None] = ContextVar("kvzap_vouched_extra_keys", default=None)
+_edge_installed = False  # this process serves HTTP with TenantMiddleware (sglang.Engine callers set extra_key)
 
 
 # ---------------------------------------------------------------------------- scheduler-side table
@@ -152,7 +163,10 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     table = None if rt is None else rt.tenants
     if table is None:
         return original(scheduler, *args, **kwargs)
-    held_back = _hold_back(scheduler, rt, table) if table.has_budgets else []
+    # SGLang passes the batch it admits into (the last prefill merged in); scheduler.running_batch is only updated
+    # after this call, so reading it missed the decode growth of requests prefilled in the previous step.
+    running_batch = args[0] if args else kwargs["running_batch"]
+    held_back = _hold_back(scheduler, rt, table, running_batch) if table.has_budgets else []
     kept = scheduler.waiting_queue
     try:
         if held_back:
@@ -180,17 +194,20 @@ def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
     return counts
 
 
-def _hold_back(scheduler, rt, table: TenantTable) -> list:
+def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
     per_token = rt.store.config.entries_per_token
     committed = list(rt.store.tenant.cells[: len(table.names)])
-    running = list(getattr(scheduler.running_batch, "reqs", []))
-    if scheduler.chunked_req is not None:
-        running.append(scheduler.chunked_req)
+    running = list(getattr(running_batch, "reqs", []))
+    chunked = scheduler.chunked_req
+    if chunked is not None and all(req is not chunked for req in running):
+        running.append(chunked)
     busy = [False] * len(table.names)
     for req in running:
         t = table.index_of_request(req)
         busy[t] = True
         remaining = max(0, _max_new_tokens(scheduler, req) - len(req.output_ids))
+        if req is chunked:  # the prompt chunks still to come are growth too
+            remaining += max(0, len(req.origin_input_ids) - req.kv.kv_allocated_len)  # after its prefix + chunks
         committed[t] += remaining * per_token
     waiting = {table.index_of_request(req) for req in scheduler.waiting_queue}
     for t, low_high in enumerate(table.ranges):
@@ -273,7 +290,7 @@ class TenantMiddleware:
         self.config = config
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TENANT_PATHS:
+        if scope["type"] != "http" or scope["method"] not in TENANT_METHODS or scope["path"] not in TENANT_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         auth = headers.get("authorization", "")
@@ -289,6 +306,8 @@ class TenantMiddleware:
             return await _reject(send, error.status, error.reason)
         except json.JSONDecodeError as error:
             return await _reject(send, 400, f"invalid JSON body: {error}")
+        written = payload["extra_key"]
+        vouched = _vouched_extra_keys.set(frozenset(written if isinstance(written, list) else [written]))
         new_body = json.dumps(payload).encode()
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                      + [(b"content-length", str(len(new_body)).encode())])  # fmt: skip
@@ -301,7 +320,26 @@ class TenantMiddleware:
                 return {"type": "http.request", "body": new_body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            _vouched_extra_keys.reset(vouched)
+
+
+def refuse_unvouched_tenant_keys(obj) -> None:
+    """HTTP process, per request before it is queued: an ``extra_key`` naming a tenant namespace that
+    ``TenantMiddleware`` did not write for this HTTP request (another route, or a body that set it) is a
+    ``ValueError`` (HTTP 400): it would run as that tenant, on its cached prefixes and budget, without its key."""
+    if not _edge_installed:
+        return
+    value = getattr(obj, "extra_key", None)
+    vouched = _vouched_extra_keys.get() or frozenset()
+    for key in value if isinstance(value, list) else [value]:
+        if isinstance(key, str) and key.startswith(EXTRA_KEY_PREFIX) and key not in vouched:
+            raise ValueError(
+                f"extra_key may not name a tenant namespace ({EXTRA_KEY_PREFIX}...): a request's tenant comes from "
+                f"its API key on {', '.join(TENANT_PATHS)}"
+            )
 
 
 def _tenant_extra_key(tenant: str, client_value):
@@ -339,6 +377,8 @@ def install_http_middleware(config: TenantsConfig) -> None:
     """Add ``TenantMiddleware`` to SGLang's FastAPI app (launching process, before the server starts)."""
     from sglang.srt.entrypoints import http_server
 
+    global _edge_installed
+    _edge_installed = True
     if not getattr(http_server.app.state, "kvzap_tenants", False):
         http_server.app.add_middleware(TenantMiddleware, config=config)
         http_server.app.state.kvzap_tenants = True

@@ -94,6 +94,16 @@ def test_prompts_that_crash_sglangs_scheduler_are_a_400_and_the_server_serves_on
     assert generate(server, "The capital of France is")["meta_info"]["completion_tokens"] == 4
 
 
+def test_beam_search_is_a_400_and_the_server_serves_on(server):
+    """SGLang frees beam rows outside release_kv_cache, so their KVzap windows stayed referenced: the idle check then
+    stopped the scheduler (a stock server serves beam search on)."""
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 2, "beam_width": 2}}
+    response = requests.post(f"{server}/generate", json=body, timeout=300)
+    assert response.status_code == 400 and "beam search" in response.text, response.text
+    assert generate(server, "The capital of France is")["meta_info"]["completion_tokens"] == 4
+    assert requests.get(f"{server}/health", timeout=60).status_code == 200
+
+
 def test_prompt_embeddings_are_served(server):
     """``input_embeds`` (allowed with the radix cache off) go through KVzap's scoring like token prompts."""
     body = {"input_embeds": [[0.01 * (i % 7)] * 576 for i in range(24)], "sampling_params": {"max_new_tokens": 2}}

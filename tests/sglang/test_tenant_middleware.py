@@ -70,6 +70,41 @@ def test_bad_json_is_a_400_and_other_paths_pass_untouched(client):
     assert client.post("/flush_cache", headers={"X-KVzap-Tenant": "globex"}).json() == {"ok": True}
 
 
+def test_only_the_middleware_may_put_a_tenant_namespace_into_extra_key(monkeypatch):
+    """What SGLang's tokenizer manager asks of every request (prompt_checks): an extra_key naming a tenant passes
+    only when the middleware wrote it for this HTTP request; a route it does not cover cannot smuggle one in."""
+    from types import SimpleNamespace
+
+    from fastapi.responses import JSONResponse
+
+    from kvzap_sglang.plugin import tenants
+
+    monkeypatch.setattr(tenants, "_edge_installed", True)  # as install_http_middleware does in the server process
+    app = FastAPI()
+
+    @app.post("/generate")
+    @app.post("/v1/messages")  # a generation route the middleware does not cover
+    async def tokenize(request: Request):
+        body = await request.json()
+        try:
+            tenants.refuse_unvouched_tenant_keys(SimpleNamespace(extra_key=body.get("extra_key")))
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        return body
+
+    app.add_middleware(TenantMiddleware, config=TenantsConfig.load(EXAMPLE))
+    client = TestClient(app)
+    acme = {"Authorization": "Bearer change-me-acme-0001"}
+    assert client.post("/generate", json={"extra_key": ["u1", "u2"]}, headers=acme).status_code == 200
+    forged = client.post("/v1/messages", json={"extra_key": "kvzap-tenant:acme"}, headers=acme)
+    assert forged.status_code == 400 and "tenant namespace" in forged.json()["error"]
+    forged = client.post("/v1/messages", json={"extra_key": ["user-1", "kvzap-tenant:acme|user-2"]})
+    assert forged.status_code == 400
+    assert client.post("/v1/messages", json={"extra_key": "user-1"}).status_code == 200  # a plain salt is the client's
+    assert client.post("/v1/messages", json={}).status_code == 200
+    assert tenants._vouched_extra_keys.get() is None  # nothing left vouched outside a request
+
+
 def test_budgets_larger_than_the_pool_or_adding_up_past_it_are_reported():
     import torch
 

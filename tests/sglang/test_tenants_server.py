@@ -31,7 +31,9 @@ pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
 KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1", "tight": "tight-test-key-1",
-        "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key", "narrow": "narrow-test-key-1"}
+        "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key", "narrow": "narrow-test-key-1",
+        "strict": "strict-test-key-1"}
+CHUNK = 64  # --chunked-prefill-size: prompts longer than this are prefilled in chunks
 NARROW_WINDOW = 4
 SMALL_BUDGET_TOKENS = 200
 CELLS_PER_TOKEN = 30 * 3
@@ -68,6 +70,11 @@ prefix_cache_group = "docs"
 [tenants.narrow]
 api_key = "{KEYS['narrow']}"
 window = {NARROW_WINDOW}
+
+[tenants.strict]
+api_key = "{KEYS['strict']}"
+threshold = -10.0
+kv_budget_tokens = {SMALL_BUDGET_TOKENS}
 """
 
 
@@ -78,7 +85,7 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, modu
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
              "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
-             "--kvzap-sample-rate", "1", "--max-total-tokens", "4096"]  # fmt: skip
+             "--kvzap-sample-rate", "1", "--max-total-tokens", "4096", "--chunked-prefill-size", str(CHUNK)]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
 
@@ -176,6 +183,78 @@ def test_a_flooding_tenant_queues_within_its_budget(server):
     assert max(s["cells_held"] for s in samples) > 0 and len(samples) > 5
     assert max(s["running_requests"] for s in samples) >= 1 and max(s["queued_requests"] for s in samples) >= 1
     assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
+
+
+def held_cells_while(server: str, tenant: str, send) -> tuple[requests.Response, list[int]]:
+    """``send()``'s response and ``tenant``'s held cells sampled every 20 ms while it ran."""
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append(tenants_state(server)[tenant]["cells_held"])
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        response = send()
+    finally:
+        stop.set()
+        sampler.join()
+    return response, samples + [tenants_state(server)[tenant]["cells_held"]]
+
+
+def send_batch(server: str, tenant: str, prompts: list[list[int]], new_tokens: list[int]) -> requests.Response:
+    """One /generate batch (its prompts reach the waiting queue together, in order), nothing pruned (τ -10)."""
+    params = [{"max_new_tokens": n, "ignore_eos": True, "temperature": 0.0} for n in new_tokens]
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
+    return requests.post(f"{server}/generate", json={"input_ids": prompts, "sampling_params": params},
+                         headers=headers, timeout=900)  # fmt: skip
+
+
+def test_a_request_prefilled_in_the_last_step_counts_against_its_tenants_budget(server):
+    """Two requests of 20 + 100 tokens against a 200-token budget: the second must wait for the first. Admission
+    once read the scheduler's running batch from before the last prefill was merged into it, so the second got in
+    one step later and the tenant held up to 238 tokens' worth of cells."""
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    before = tenants_state(server)["strict"]["held_back_rounds"]
+    prompts = [[1000 + i for i in range(20)], [2000 + i for i in range(20)]]
+    response, held = held_cells_while(server, "strict", lambda: send_batch(server, "strict", prompts, [100, 100]))
+    assert response.status_code == 200, response.text
+    assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [100, 100]
+    assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
+    assert tenants_state(server)["strict"]["held_back_rounds"] > before, "the second request really waited"
+
+
+def test_the_rest_of_a_chunked_prompt_counts_against_its_tenants_budget(server):
+    """150 + 30 tokens (prefilled in chunks of 64) and 10 + 15 tokens: 205 > 200, so the short request must wait.
+    Admission once counted only the chunks already written (64 + 30 + 25 = 119) and let it in alongside."""
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    prompts = [[3000 + i for i in range(150)], [5000 + i for i in range(10)]]
+    assert len(prompts[0]) > 2 * CHUNK
+    response, held = held_cells_while(server, "strict", lambda: send_batch(server, "strict", prompts, [30, 15]))
+    assert response.status_code == 200, response.text
+    assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [30, 15]
+    assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
+
+
+def test_put_generate_is_a_tenants_request_and_no_route_lets_a_body_name_a_tenant(server):
+    """SGLang serves /generate for PUT too, and /v1/responses takes an extra_key: a body naming a tenant's namespace
+    there ran as that tenant (its cache, τ and budget) without its key."""
+    keep_before = tenants_state(server)["keep"]["entries_reserved"]
+    body = {"input_ids": [7, 8, 9, 10], "extra_key": "kvzap-tenant:keep", "sampling_params": {"max_new_tokens": 2}}
+    forged = requests.put(f"{server}/generate", json=body, timeout=120)
+    assert forged.status_code == 403 and "tenant namespace" in forged.text, forged.text
+    forged = requests.post(f"{server}/v1/responses", timeout=120, json={
+        "model": "default", "input": "hi", "max_output_tokens": 2, "extra_key": "kvzap-tenant:keep"})  # fmt: skip
+    assert forged.status_code == 403 and "tenant namespace" in forged.text, forged.text
+    assert tenants_state(server)["keep"]["entries_reserved"] == keep_before
+    # With its key, PUT runs as the tenant.
+    body = {"input_ids": [7, 8, 9, 10], "sampling_params": {"max_new_tokens": 2}}
+    served = requests.put(f"{server}/generate", json=body, headers={"Authorization": f"Bearer {KEYS['keep']}"},
+                          timeout=120)  # fmt: skip
+    assert served.status_code == 200, served.text
+    assert tenants_state(server)["keep"]["entries_reserved"] > keep_before
 
 
 def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(server, tokenizer):
@@ -277,7 +356,7 @@ def test_the_status_command_prints_every_tenants_row(server, capsys):
 
     assert main(["status", "--url", server]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow"}
+    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow", "strict"}
     assert rows["keep"][1:3] == ["-10.000", "-10.000"] and rows["small"][5] == str(SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN)
 
 
