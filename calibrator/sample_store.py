@@ -21,10 +21,12 @@ retry finds it when an earlier attempt's EXEC ran although its reply was lost, a
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import redis
@@ -35,7 +37,11 @@ from calibrator.errors import StoreOutcomeUnknownError, StoreUnavailableError
 from calibrator.series import SeriesKey, decode_members, unavailable
 from calibrator.summary import ScoreSummary
 
+log = logging.getLogger(__name__)
+
 QUANTUM = 65535  # uint16 full scale for a fraction in [0, 1]
+# How often a store without limits of its own (a server's sampler) reads the limits the service published.
+LIMITS_REFRESH_S = 30.0
 _MAX_WATCH_RETRIES = 20
 # A marker only has to outlive the retries of its own ingest (each a few round trips, bounded by the socket timeout).
 BATCH_MARKER_TTL_S = 600
@@ -61,6 +67,15 @@ class StoreLimits:
     raw_max: int = 10_000  # raw stream length per series (approximate, as XADD MAXLEN ~); 0 = keep none
     retention_s: int = 7 * 24 * 3600
 
+    def __post_init__(self) -> None:
+        if min(self.max_requests, self.segment_size, self.retention_s) < 1 or self.raw_max < 0:
+            raise ValueError(f"store limits must be positive (raw_max >= 0), got {self}")
+        if self.segment_size > self.max_requests:
+            raise ValueError(
+                f"segment_size {self.segment_size} is larger than max_requests {self.max_requests}: "
+                "retention drops whole segments, so a series would hold up to segment_size requests"
+            )
+
     @property
     def max_segments(self) -> int:
         return max(1, -(-self.max_requests // self.segment_size))
@@ -81,6 +96,9 @@ class _Keys:
 
     def meta(self, s: SeriesKey) -> str:
         return f"{self.prefix}meta:{s.encode()}"
+
+    def limits(self) -> str:
+        return f"{self.prefix}limits"
 
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}batch:{batch_id}"
@@ -172,18 +190,44 @@ def _stored_int(value: bytes | None, key: str) -> int:
 
 
 class SampleStore:
-    """Ingest summaries and serve fit data, in Redis under ``prefix``."""
+    """Ingest summaries and serve fit data, in Redis under ``prefix``.
+
+    ``limits``: the retention this store applies (the service's settings). Without them the store follows the limits
+    the service published under ``P:limits`` (``publish_limits``; re-read every ``LIMITS_REFRESH_S``), and the
+    defaults until there are any: a KVzap server's sampler stores its summaries under the service's retention.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str = "kvzap:", limits: StoreLimits | None = None) -> None:
         self.limits = limits or StoreLimits()
-        if self.limits.segment_size > self.limits.max_requests:
-            raise ValueError(
-                f"segment_size {self.limits.segment_size} is larger than max_requests {self.limits.max_requests}: "
-                "retention drops whole segments, so a series would hold up to segment_size requests"
-            )
+        self.follows_published_limits = limits is None
+        self._limits_read_at: float | None = None
         self.client = client
         self.keys = _Keys(prefix)
         self._remove_dead_series = client.register_script(_REMOVE_DEAD_SERIES)
+
+    def publish_limits(self) -> None:
+        """Write this store's limits where the stores without their own read them. Raises StoreUnavailableError."""
+        try:
+            self.client.hset(self.keys.limits(), mapping=asdict(self.limits))
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+
+    def _refresh_limits(self) -> None:
+        """Follow the published limits (a store made without limits); Redis errors propagate to the caller."""
+        now = time.monotonic()
+        if not self.follows_published_limits or (
+            self._limits_read_at is not None and now - self._limits_read_at < LIMITS_REFRESH_S
+        ):
+            return
+        key = self.keys.limits()
+        published = self.client.hgetall(key)
+        self._limits_read_at = now
+        if not published:
+            return
+        try:
+            self.limits = StoreLimits(**{name.decode(): int(value) for name, value in published.items()})
+        except (TypeError, ValueError, UnicodeDecodeError) as error:  # foreign or corrupt: keep the last good ones
+            log.warning("ignoring the unreadable store limits under %s: %s", key, error)
 
     # ---- writes -------------------------------------------------------------------------------------------
     def ingest(self, summaries: Iterable[ScoreSummary]) -> int:
@@ -197,6 +241,7 @@ class SampleStore:
         marker = self.keys.batch(uuid.uuid4().hex)
         exec_unanswered = False  # an EXEC went out and neither its reply nor the marker told whether it ran
         try:
+            self._refresh_limits()
             with self.client.pipeline(transaction=True) as pipe:
                 for _ in range(_MAX_WATCH_RETRIES):
                     try:

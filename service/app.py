@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from calibrator.errors import StoreUnavailableError
 from calibrator.sample_store import SampleStore
 from calibrator.series import connect
 from calibrator.threshold_store import ThresholdStore
@@ -15,6 +18,8 @@ from service.core.config import Settings, load_settings
 from service.core.errors import install_error_handlers
 from service.core.metrics import MetricsMiddleware, ServiceMetrics
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
@@ -22,7 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        publisher = asyncio.create_task(publish_limits(app.state.sample_store))
         yield
+        publisher.cancel()
         client.close()
 
     app = FastAPI(
@@ -41,6 +48,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s too
     return app
+
+
+async def publish_limits(store: SampleStore, retry_s: float = 5.0) -> None:
+    """Publish the retention settings once Redis answers: the KVzap servers' samplers store under them too
+    (``SampleStore`` without limits of its own), so these settings bound every producer's samples."""
+    while True:
+        try:
+            await asyncio.to_thread(store.publish_limits)
+            return
+        except StoreUnavailableError as error:
+            log.warning("could not publish the store limits (retrying in %s s): %s", retry_s, error)
+            await asyncio.sleep(retry_s)
 
 
 app = create_app()

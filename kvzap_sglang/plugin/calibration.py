@@ -7,7 +7,8 @@ for the spawned scheduler; a malformed value stops the launch (CLI: exit 2) befo
 Scheduler process, when KVzap is on and a Redis URL is configured:
 
 * pool built (AFTER ``KVCacheConfigurator._build_mha_kv_pool``, registered after KVzap's own hook so the runtime
-  exists): a ``SampleSink`` (ships batches with ``SampleStore.ingest`` from its own thread) and a
+  exists): a ``SampleSink`` (ships batches with ``SampleStore.ingest`` from its own thread, under the retention
+  limits the calibration service published in Redis: ``SampleStore.publish_limits``) and a
   ``ThresholdWatcher`` (polls the τ stored for (model, task), keeps the last known τ when Redis is away) start;
 * request finished (BEFORE ``release_kv_cache``, while its slots still hold their scores): for a sampled request
   the per-entry scores ``[L, H, T]`` are summarised (``calibrator.summarize``, the plugin's window) and offered to

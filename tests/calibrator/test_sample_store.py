@@ -185,3 +185,30 @@ def test_a_segment_larger_than_the_series_bound_is_refused(redis_client, prefix)
     with pytest.raises(ValueError, match="segment_size 10000 is larger than max_requests 100"):
         SampleStore(redis_client, prefix, StoreLimits(max_requests=100))
     SampleStore(redis_client, prefix, StoreLimits(max_requests=100, segment_size=100))
+
+
+def test_a_store_without_limits_of_its_own_follows_the_published_ones(redis_client, prefix):
+    """A KVzap server's sampler builds its store without limits: it must store under the service's retention (it
+    used the defaults: a week's TTL and a raw stream, whatever the service was configured with)."""
+    service = SampleStore(redis_client, prefix, StoreLimits(max_requests=10, segment_size=5, raw_max=0, retention_s=60))
+    sampler = SampleStore(redis_client, prefix)
+    sampler.ingest(_summaries(3, seed=1))  # nothing published yet: the defaults
+    assert redis_client.ttl(sampler.keys.segs(SeriesKey("m", "t"))) > 60
+    service.publish_limits()
+    sampler._limits_read_at = None  # as LIMITS_REFRESH_S after the last read
+    for seed in range(2, 6):
+        sampler.ingest(_summaries(4, seed=seed))
+    series = SeriesKey("m", "t")
+    assert sampler.limits == service.limits
+    assert 0 < redis_client.ttl(sampler.keys.segs(series)) <= 60
+    assert sampler.curves("m", "t").num_requests <= 10  # whole 5-request segments beyond the bound are dropped
+
+
+def test_unreadable_published_limits_are_ignored(redis_client, prefix):
+    sampler = SampleStore(redis_client, prefix)
+    redis_client.hset(f"{prefix}limits", mapping={"max_requests": "many", "segment_size": 5})
+    assert sampler.ingest(_summaries(2)) == 2
+    assert sampler.limits == StoreLimits()
+    redis_client.hset(f"{prefix}limits", mapping={"max_requests": 4, "segment_size": 5})  # segment > bound
+    sampler._limits_read_at = None
+    assert sampler.ingest(_summaries(2)) == 2 and sampler.limits == StoreLimits()

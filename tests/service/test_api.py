@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from statistics import NormalDist
 
 import numpy as np
 from fastapi.testclient import TestClient
 
 from calibrator import summarize
+from calibrator.sample_store import SampleStore, StoreLimits
 from service.app import create_app
 
 ADMIN = {"X-API-Key": "test-admin-key"}
@@ -263,3 +265,17 @@ def test_malformed_json_is_a_400_with_the_reason(api):
         body = response.json()
         assert body["error"] == "bad_request" and body["detail"].startswith("body is not valid JSON: "), body
         assert set(body) == {"error", "detail"}
+
+
+def test_the_service_publishes_its_retention_for_the_servers_samplers(make_settings, redis_client, prefix):
+    settings = make_settings(max_requests_per_series=300, segment_size=100, raw_samples_per_series=0, retention_s=900)
+    with TestClient(create_app(settings)):
+        deadline = time.monotonic() + 5
+        while not redis_client.exists(f"{prefix}limits"):
+            assert time.monotonic() < deadline, "the limits were not published"
+            time.sleep(0.05)
+    published = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{prefix}limits").items()}
+    assert published == {"max_requests": 300, "segment_size": 100, "raw_max": 0, "retention_s": 900}
+    sampler = SampleStore(redis_client, prefix)  # as a KVzap server's sampler builds it
+    sampler._refresh_limits()
+    assert sampler.limits == StoreLimits(max_requests=300, segment_size=100, raw_max=0, retention_s=900)
