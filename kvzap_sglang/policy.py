@@ -25,9 +25,13 @@ import torch
 DEFAULT_WINDOW = 128
 
 
-def _check(threshold: float, window: int) -> None:
-    if window < 0:
+def _check_window(window: int) -> None:
+    if window < 0:  # a negative window would reach past the sequence's end
         raise ValueError(f"window must be >= 0, got {window}")
+
+
+def _check(threshold: float, window: int) -> None:
+    _check_window(window)
     if threshold != threshold:  # NaN
         raise ValueError("threshold must be a number, got NaN")
 
@@ -57,8 +61,7 @@ def window_exits(prev_len: int, new_len: int, window: int = DEFAULT_WINDOW) -> r
     """
     if not 0 <= prev_len <= new_len:
         raise ValueError(f"sequence lengths must satisfy 0 <= prev_len <= new_len, got {prev_len}, {new_len}")
-    if window < 0:  # a negative window would reach past the sequence's end
-        raise ValueError(f"window must be >= 0, got {window}")
+    _check_window(window)
     return range(max(prev_len - window, 0), max(new_len - window, 0))
 
 

@@ -4,9 +4,9 @@ per-tenant KV budgets at admission, per-tenant figures.
 * **Identity** (main process) — ``TenantMiddleware`` on SGLang's FastAPI app resolves the tenant of every
   ``POST``/``PUT`` to ``/generate``, ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/responses``
   (``TenantsConfig.resolve``: API key or ``X-KVzap-Tenant``; 401/403 with a reason when refused) and writes it into
-  the request's ``extra_key`` (SGLang's radix-cache namespace), so a tenant's cached prefixes are not served to another (unless both name the
-  same ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the scheduler knows whose request it
-  runs. A body that sets a tenant namespace itself is refused (403 there; 400 on SGLang's other generation routes,
+  the request's ``extra_key`` (SGLang's radix-cache namespace), so a tenant's cached prefixes are not served to
+  another (unless both name the same ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the
+  scheduler knows whose request it runs. A body that sets a tenant namespace itself is refused (403 there; 400 on SGLang's other generation routes,
   whose requests run as ``default``: ``refuse_unvouched_tenant_keys``).
 * **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
   and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The

@@ -3,8 +3,9 @@
 One server with ``--kvzap-tenants`` (constant surrogate: KV head 0 scores 0 < τ = 0.5, heads 1-2 kept; window 16):
 tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``tight`` the same budget
 with the tighten-before-queueing policy (τ within [0.5, 1.5]: under pressure head 1, scoring 1, goes too), ``acme``
-follows the calibration service, ``narrow`` has its own window, ``[default]`` sets its τ in the file; every finished
-request is sampled into Redis. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
+follows the calibration service, ``narrow`` has its own window, ``strict`` a 200-token budget with nothing pruned,
+``[default]`` sets its τ in the file; every finished request is sampled into Redis; prompts over 64 tokens are
+prefilled in chunks. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
 tenant queues instead of exceeding its budget (sampled all along); a τ a tenant sets through the service applies
 to its new requests within seconds and to no other tenant; refused identities get 401/403.
 """
@@ -85,7 +86,8 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, modu
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
              "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
-             "--kvzap-sample-rate", "1", "--max-total-tokens", "4096", "--chunked-prefill-size", str(CHUNK)]  # fmt: skip
+             "--kvzap-sample-rate", "1", "--max-total-tokens", "4096",
+             "--chunked-prefill-size", str(CHUNK)]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
 
