@@ -185,8 +185,11 @@ def clamp_to_range(tau: float, threshold_range: tuple[float, float] | None) -> f
 
 
 def extra_key_for(tenant: str, client_extra_key: str | None = None) -> str:
-    """The radix-cache namespace of ``tenant`` (keeping the client's own ``extra_key`` salt after it)."""
-    return f"{EXTRA_KEY_PREFIX}{tenant}" + (f"|{client_extra_key}" if client_extra_key else "")
+    """The radix-cache namespace of ``tenant`` (keeping the client's own ``extra_key`` salt after it).
+
+    The tenant's name always ends at a ``|``: SGLang appends a LoRA request's ``lora_id`` to its ``extra_key``
+    (``Req.__init__``), which would otherwise run into the name and make the request an unknown tenant's."""
+    return f"{EXTRA_KEY_PREFIX}{tenant}|{client_extra_key or ''}"
 
 
 def cache_namespace(extra_key: str | None, groups: dict[str, str]) -> str | None:

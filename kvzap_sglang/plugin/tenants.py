@@ -15,8 +15,10 @@ per-tenant KV budgets at admission, per-tenant figures.
   whose tenant's held cells (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its
   running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would
   exceed the budget stays queued for this round, after the tenant's own evictable cached prefixes have been
-  evicted to make room; the other tenants' requests are admitted as usual, so one tenant's burst never blocks
-  another's admission.
+  evicted to make room, and so do the tenant's later requests (first come, first served within a tenant, as
+  SGLang's own admission stops at the first request that does not fit: small requests never starve a large one);
+  the other tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. Held
+  requests keep their places in the waiting queue (``requeue``).
 * **A tenant's budget is its pool** (``cap_to_budget``, AROUND ``Scheduler.init_req_max_new_tokens``) — as SGLang
   clips ``max_new_tokens`` to what the whole pool can hold and refuses a prompt that cannot fit, a request of a
   tenant with a budget has ``max_new_tokens`` clipped so that prompt + new tokens fit the budget (finish reason
@@ -175,7 +177,7 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
         plan = original(scheduler, *args, **kwargs)
     finally:
         if held_back:
-            scheduler.waiting_queue.extend(held_back)
+            scheduler.waiting_queue = requeue(kept, scheduler.waiting_queue, held_back)
     batch = getattr(plan, "batch_to_run", None)
     if batch is not None:
         for req in batch.reqs:
@@ -185,6 +187,15 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     admitted = list(getattr(plan.running_batch, "reqs", [])) + (list(batch.reqs) if batch is not None else [])
     table.running = _count_by_tenant(table, {id(req): req for req in admitted}.values())
     return plan
+
+
+def requeue(before: list, after: list, held_back: list) -> list:
+    """The waiting queue after a round that held ``held_back`` out of it: what SGLang left waiting (``after``) and
+    the held-back requests, in their places of ``before`` (the queue the round started from), so a request that
+    waited for its budget keeps its turn rather than going behind every later arrival. Requests SGLang queued during
+    the round (a preempted one) follow, in SGLang's order."""
+    place = {id(req): i for i, req in enumerate(before)}
+    return sorted([*after, *held_back], key=lambda req: place.get(id(req), len(before)))
 
 
 def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
@@ -213,11 +224,15 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
     for t, low_high in enumerate(table.ranges):
         if low_high is not None and t not in waiting:
             table.relax(t)
-    held_back, tightened = [], set()
+    held_back, tightened, blocked = [], set(), set()
     for req in scheduler.waiting_queue:
         t = table.index_of_request(req)
         budget = table.budget_cells[t]
         if budget is None:
+            continue
+        if t in blocked:  # first come, first served within a tenant: none overtakes its held-back request
+            held_back.append(req)
+            table.held_back[t] += 1
             continue
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
         need = (len(req.origin_input_ids) + _max_new_tokens(scheduler, req)) * per_token
@@ -238,6 +253,7 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
         else:
             held_back.append(req)
             table.held_back[t] += 1
+            blocked.add(t)
     return held_back
 
 

@@ -102,6 +102,7 @@ def test_without_keys_the_header_names_the_tenant():
 def test_extra_key_round_trip_keeps_the_clients_salt():
     assert tenant_of_extra_key(extra_key_for("acme")) == "acme"
     assert extra_key_for("acme", "user-7") == "kvzap-tenant:acme|user-7"
+    assert extra_key_for("acme") == "kvzap-tenant:acme|"  # the name ends at "|" even without a salt (LoRA ids follow)
     assert tenant_of_extra_key("kvzap-tenant:acme|user-7") == "acme"
     assert tenant_of_extra_key("user-7") == DEFAULT_TENANT and tenant_of_extra_key(None) == DEFAULT_TENANT
 
@@ -122,7 +123,7 @@ def test_only_tenants_of_one_prefix_cache_group_share_a_cache_namespace():
     groups = config.prefix_cache_groups()
     assert groups == {"a": "docs", "b": "docs"}
     a, b, c = (cache_namespace(extra_key_for(t), groups) for t in "abc")
-    assert a == b == "kvzap-group:docs" and c == extra_key_for("c")
+    assert a == b == "kvzap-group:docs|" and c == extra_key_for("c")
     # The client's own salt still separates caches inside the group; keys that name no tenant are left alone.
     assert cache_namespace(extra_key_for("a", "s1"), groups) == "kvzap-group:docs|s1" != cache_namespace(
         extra_key_for("b", "s2"), groups)

@@ -40,12 +40,12 @@ def client():
 
 def test_the_key_decides_the_tenant_namespace(client):
     body = client.post("/generate", json={"text": "hi"}, headers={"Authorization": "Bearer change-me-acme-0001"}).json()
-    assert body == {"text": "hi", "extra_key": "kvzap-tenant:acme"}
+    assert body == {"text": "hi", "extra_key": "kvzap-tenant:acme|"}
     body = client.post("/v1/chat/completions", json={"messages": [], "extra_key": "user-1"}).json()
     assert body["extra_key"] == "kvzap-tenant:default|user-1"  # no key: default tenant, the client's salt kept
     body = client.post("/generate", json={"text": ["a", "b"], "extra_key": ["u1", None]},
                        headers={"Authorization": "Bearer change-me-globex-01"}).json()  # fmt: skip
-    assert body["extra_key"] == ["kvzap-tenant:globex|u1", "kvzap-tenant:globex"]
+    assert body["extra_key"] == ["kvzap-tenant:globex|u1", "kvzap-tenant:globex|"]
 
 
 @pytest.mark.parametrize(
@@ -119,3 +119,43 @@ def test_budgets_larger_than_the_pool_or_adding_up_past_it_are_reported():
     too_big, added_up = table.budget_warnings(4_096 * per_token, per_token)
     assert "'acme': kv_budget_tokens 8192 is more than the whole KV pool (4096 tokens)" in too_big
     assert "add up to 14336" in added_up
+
+
+def test_a_lora_request_keeps_its_tenant_in_the_scheduler(client):
+    """SGLang's ``Req`` appends a LoRA request's ``lora_id`` to its ``extra_key``: the tenant the middleware wrote must
+    still be the one the scheduler reads (it ran as ``default`` when the id ran into the tenant's name), and the
+    adapter must still separate cached prefixes inside a prefix-cache group."""
+    from array import array
+
+    import torch
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from kvzap_sglang.plugin.tenants import TenantTable
+    from kvzap_sglang.tenants import cache_namespace
+
+    config = TenantsConfig.load(EXAMPLE)
+    table = TenantTable.build(config, threshold=-4.3, window=128, cells_per_token=90, num_rows=4,
+                              device=torch.device("cpu"))  # fmt: skip
+    acme = {"Authorization": "Bearer change-me-acme-0001"}
+    for salt in (None, "user-7"):
+        extra_key = client.post("/generate", json={"text": "hi", "extra_key": salt}, headers=acme).json()["extra_key"]
+        reqs = [Req(f"r-{lora}", "hi", array("q", [1, 2]), SamplingParams(max_new_tokens=2), lora_id=lora,
+                    extra_key=extra_key) for lora in ("0a1b2c", "3d4e5f", None)]  # fmt: skip
+        assert [table.names[table.index_of_request(req)] for req in reqs] == ["acme"] * 3
+        groups = {"acme": "docs"}
+        namespaces = {cache_namespace(req.extra_key, groups) for req in reqs}
+        assert len(namespaces) == 3 and all(n.startswith("kvzap-group:docs|") for n in namespaces)
+
+
+def test_held_back_requests_keep_their_places_in_the_waiting_queue():
+    """After an admission round: what SGLang left waiting plus the requests held for their budget, in the order the
+    round started from (they went to the back before: FCFS lost against every later arrival); a request SGLang
+    queued during the round (a preempted one) follows."""
+    from kvzap_sglang.plugin.tenants import requeue
+
+    a, b, c, d, e, preempted = (object() for _ in range(6))
+    before = [a, b, c, d, e]  # b and d held back; c admitted; a and e left waiting by SGLang
+    assert requeue(before, [a, e, preempted], [b, d]) == [a, b, d, e, preempted]
+    assert requeue(before, [e, a], [d, b]) == [a, b, d, e]
+    assert requeue(before, [], []) == []

@@ -187,13 +187,14 @@ def test_a_flooding_tenant_queues_within_its_budget(server):
     assert tenants_state(server)["small"]["held_back_rounds"] > 0, "requests really waited for the budget"
 
 
-def held_cells_while(server: str, tenant: str, send) -> tuple[requests.Response, list[int]]:
-    """``send()``'s response and ``tenant``'s held cells sampled every 20 ms while it ran."""
+def held_cells_while(server: str, tenant: str, send, figure: str = "cells_held") -> tuple[requests.Response, list]:
+    """``send()``'s response and ``tenant``'s held cells (or another of its ``figure``s) sampled every 20 ms while it
+    ran."""
     samples, stop = [], threading.Event()
 
     def sample():
         while not stop.is_set():
-            samples.append(tenants_state(server)[tenant]["cells_held"])
+            samples.append(tenants_state(server)[tenant][figure])
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -203,7 +204,7 @@ def held_cells_while(server: str, tenant: str, send) -> tuple[requests.Response,
     finally:
         stop.set()
         sampler.join()
-    return response, samples + [tenants_state(server)[tenant]["cells_held"]]
+    return response, samples + [tenants_state(server)[tenant][figure]]
 
 
 def send_batch(server: str, tenant: str, prompts: list[list[int]], new_tokens: list[int]) -> requests.Response:
@@ -238,6 +239,18 @@ def test_the_rest_of_a_chunked_prompt_counts_against_its_tenants_budget(server):
     assert response.status_code == 200, response.text
     assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [30, 15]
     assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
+
+
+def test_a_tenants_later_request_never_overtakes_one_held_for_its_budget(server):
+    """20 + 100, then 100 + 90, then 10 + 20 tokens against a 200-token budget: the second waits for the first, and
+    the third, which would fit beside the first, waits for the second (first come, first served within a tenant).
+    Admission once let the third in beside the first, so a stream of small requests could starve a large one."""
+    prompts = [[6000 + i for i in range(20)], [7000 + i for i in range(100)], [8000 + i for i in range(10)]]
+    send = lambda: send_batch(server, "strict", prompts, [100, 90, 20])  # noqa: E731
+    response, running = held_cells_while(server, "strict", send, figure="running_requests")
+    assert response.status_code == 200, response.text
+    assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [100, 90, 20]
+    assert len(running) > 10 and max(running) == 1, f"requests of 'strict' ran side by side: {max(running)}"
 
 
 def test_put_generate_is_a_tenants_request_and_no_route_lets_a_body_name_a_tenant(server):
