@@ -3,8 +3,8 @@
 Path of the per-request figures (all SGLang extension points, no fork):
 
 1. ``release_kv_cache`` (scheduler, AROUND hook ``hooks.release``) — the request's slots still hold their cells:
-   count them (``cells_held``) against the full count ``tokens × layers × kv_heads`` and keep the figures by
-   request id;
+   count them (``cells_held``) against the full count ``tokens × layers × kv_heads`` and keep the figures on the
+   request (``Req.kvzap_figures``: they go with it, whether its output is streamed or it is dropped);
 2. ``KvzapOutputStreamer`` (the scheduler's ``SchedulerOutputStreamer`` with ``has_additional_customized_info``) —
    attaches them to the request's final output as customized info ``"kvzap"``;
 3. ``TokenizerManager.update_request_meta_info`` (main process, AROUND hook) — SGLang accumulates customized info
@@ -18,15 +18,13 @@ Server-wide totals (``KvzapRuntime.snapshot``) go to ``/server_info`` (``interna
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
 from kvzap_sglang.plugin import runtime
 
 META_KEY = "kvzap"
-_MAX_PENDING = 65536  # figures of requests whose output was never streamed (should not happen) are dropped FIFO
-_pending: OrderedDict[str, dict] = OrderedDict()
+FIGURES_ATTR = "kvzap_figures"  # on SGLang's Req: a table by request id kept the figures of requests never streamed
 
 
 def record_release(rt: runtime.KvzapRuntime, req, tree_cache) -> None:
@@ -36,15 +34,12 @@ def record_release(rt: runtime.KvzapRuntime, req, tree_cache) -> None:
     slots = tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx, :tokens]
     held = int(rt.store.cells_held(slots).sum()) if tokens else 0
     full = tokens * rt.store.config.entries_per_token
-    _pending[req.rid] = {
+    setattr(req, FIGURES_ATTR, {  # a retracted request's figures are replaced when it is released again
         "removed_fraction": 1.0 - held / full if full else 0.0,
         "cells_held": held,
         "cells_full": full,
         "tokens": tokens,
-    }
-    _pending.move_to_end(req.rid)
-    while len(_pending) > _MAX_PENDING:
-        _pending.popitem(last=False)
+    })  # fmt: skip
     if req.finished():
         rt.totals.requests_finished += 1
 
@@ -57,7 +52,7 @@ class KvzapOutputStreamer(SchedulerOutputStreamer):
     def build_additional_customized_info(self, reqs) -> dict[str, list]:
         values = []
         for req in reqs:
-            figures = _pending.pop(req.rid, None) if req.finished() else None
+            figures = getattr(req, FIGURES_ATTR, None) if req.finished() else None
             values.append([figures] if figures is not None else [])
         return {META_KEY: values}
 
