@@ -2,8 +2,9 @@
 
 The hot path calls ``offer`` (or ``wants`` first, to skip summarising unsampled requests): a non-blocking put
 into a bounded queue. A daemon thread drains the queue in batches and hands each batch to a transport
-(``SampleStore.ingest`` for direct Redis). A full queue or a failed send drops summaries and counts them — the
-serving loop never waits on Redis.
+(``SampleStore.ingest`` for direct Redis). A full queue, a failed send or a close with summaries still queued drops
+them and counts them — the serving loop never waits on Redis, and every summary offered is counted once: sent or
+dropped for one reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SinkCounters:
     sent: int = 0
     dropped_full: int = 0  # queue full at offer time
     dropped_send_error: int = 0  # transport raised (e.g. Redis down); the batch is not retried
+    dropped_closed: int = 0  # still queued when close() gave up waiting, or offered after close()
 
 
 class SampleSink:
@@ -64,7 +66,7 @@ class SampleSink:
         """Queue a summary without blocking; False (and counted) when the queue is full or the sink is closed."""
         self.counters.offered += 1
         if self._stop.is_set():
-            self.counters.dropped_full += 1
+            self.counters.dropped_closed += 1
             return False
         with self._idle:
             try:
@@ -81,10 +83,24 @@ class SampleSink:
             return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued (bounded by ``timeout_s``) and stop the thread."""
+        """Send what is queued (bounded by ``timeout_s``) and stop the thread; what is still queued then is dropped
+        and counted (a batch being sent is counted by the thread when its send ends)."""
         self.flush(timeout_s)
         self._stop.set()
         self._thread.join(timeout_s)
+        dropped = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            dropped += 1
+        if dropped:
+            self.counters.dropped_closed += dropped
+            log.warning("dropped %d score summaries still queued at close", dropped)
+            with self._idle:
+                self._pending -= dropped
+                self._idle.notify_all()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -50,6 +50,29 @@ def test_sink_never_blocks_and_counts_drops():
     assert len(sent) == sum(accepted) == sink.counters.sent
 
 
+def test_closing_counts_what_was_still_queued():
+    """close() gives up after its timeout: the summaries still queued are dropped and counted (they vanished from
+    the counters before), the batch being sent is counted when its send ends, and a later offer is counted too."""
+    release = threading.Event()
+    sent = []
+
+    def stuck_transport(batch):  # a real slow consumer: holds the sender thread until released
+        release.wait(10)
+        sent.extend(batch)
+
+    sink = SampleSink(stuck_transport, max_queue=16, batch_size=1, flush_interval_s=0.01)
+    assert all(sink.offer(_summary(i)) for i in range(5))
+    time.sleep(0.2)  # the thread has taken the first summary and is stuck sending it
+    sink.close(timeout_s=0.2)
+    assert sink.counters.dropped_closed == 4 and not sink.offer(_summary(5))
+    release.set()
+    assert sink.flush(10.0)  # the stuck send ends; nothing else is pending
+    counters = sink.counters
+    assert len(sent) == counters.sent == 1 and counters.dropped_closed == 5
+    dropped = counters.dropped_full + counters.dropped_send_error + counters.dropped_closed
+    assert counters.offered == counters.sent + dropped
+
+
 def test_sink_drops_with_a_counter_when_redis_is_down(closed_port_url):
     store = SampleStore(connect(closed_port_url, timeout_s=0.2), "x:")
     sink = SampleSink(store.ingest, batch_size=4, flush_interval_s=0.01)
