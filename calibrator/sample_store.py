@@ -3,7 +3,8 @@
 Per series (model, task, tenant), under a configurable key prefix ``P`` and ``S = SeriesKey.encode()``:
 
 * ``P:raw:S`` — capped stream (XADD MAXLEN ~) of the raw summaries as JSON, for audit and re-aggregation;
-* ``P:segs:S`` — list of live segment ids, oldest first; ``P:meta:S`` — hash with the next segment id;
+* ``P:segs:S`` — list of live segment ids, oldest first; ``P:meta:S`` — hash with the next segment id and, per
+  segment ``G``, ``n:G`` (requests in it) and ``opened:G`` (when it opened, Redis time in ms);
 * per segment ``G`` (at most ``segment_size`` requests), the pre-aggregated fit data:
   ``P:seg:S:G:sum`` — hash: ``n`` requests, ``removable`` and, for every edge ``k``, field ``k`` =
   Σ over requests of the quantised removed fraction at ``EDGES[k]``;
@@ -11,9 +12,13 @@ Per series (model, task, tenant), under a configurable key prefix ``P`` and ``S 
   ``P:seg:S:G:totals`` — string: entries per request (float64).
 
 A fit reads the sums (mean curve → τ), then one column per segment (bootstrap, p10/p90). Per-request fractions
-are quantised to 1/65535 (error <= 7.7e-6, far below the bin resolution). Retention: when a series holds more
-than ``max_requests`` the oldest whole segment is dropped; every key written expires ``retention_s`` after its
-last write. Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
+are quantised to 1/65535 (error <= 7.7e-6, far below the bin resolution). Retention, by count: while a series
+holds more than ``max_requests`` its oldest whole segment is dropped. By age: a segment takes new requests for
+``retention_s / 8`` after it opened (then the next one opens) and its keys expire together at a fixed time, so a
+sample is kept at least ``retention_s`` and at most ``StoreLimits.max_age_ms`` (1.125 × ``retention_s``) — however
+slowly its series is written (the keys' TTL was refreshed by every append, so a series written now and then kept
+its samples for ever); the raw stream is trimmed to ``retention_s`` by entry id.
+Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
 when the connection drops; Redis has no rollback for commands failing inside EXEC, so key types are checked
 under WATCH first). The same EXEC writes ``P:batch:ID``, a marker of the batch (TTL ``BATCH_MARKER_TTL_S``): a
 retry finds it when an earlier attempt's EXEC ran although its reply was lost, and stores nothing again.
@@ -45,6 +50,8 @@ LIMITS_REFRESH_S = 30.0
 _MAX_WATCH_RETRIES = 20
 # A marker only has to outlive the retries of its own ingest (each a few round trips, bounded by the socket timeout).
 BATCH_MARKER_TTL_S = 600
+# A segment takes new requests for retention_s / AGE_SLICES: samples outlive retention_s by at most that much.
+AGE_SLICES = 8
 
 # Removes the index members whose series has no segment list, in one atomic step: an ingest that revives a series
 # (its MULTI writes the list and SADDs the member) cannot land between the check and the SREM.
@@ -77,8 +84,32 @@ class StoreLimits:
             )
 
     @property
-    def max_segments(self) -> int:
-        return max(1, -(-self.max_requests // self.segment_size))
+    def open_for_ms(self) -> int:
+        """How long a segment takes new requests after it opened."""
+        return max(1, self.retention_s * 1000 // AGE_SLICES)
+
+    @property
+    def max_age_ms(self) -> int:
+        """The longest a sample is kept: its segment opened at most ``open_for_ms`` before it was written."""
+        return self.retention_s * 1000 + self.open_for_ms
+
+
+@dataclass
+class _Segment:
+    """A listed segment as an ingest sees it: ``opened`` is None for one stored before segments recorded their age."""
+
+    sid: int
+    n: int
+    opened: int | None
+
+    def alive(self, now_ms: int, limits: StoreLimits) -> bool:
+        if self.opened is None:
+            return self.n > 0  # its keys expire by their own TTL (an expired sum reads 0)
+        return now_ms < self.opened + limits.max_age_ms
+
+    def open(self, now_ms: int, limits: StoreLimits) -> bool:
+        """Takes new requests: young enough and not full."""
+        return self.opened is not None and now_ms - self.opened < limits.open_for_ms and self.n < limits.segment_size
 
 
 @dataclass
@@ -270,23 +301,33 @@ class SampleStore:
 
     def _queue_batch(self, pipe: redis.client.Pipeline, rows: dict[SeriesKey, _Rows], marker: str) -> None:
         """Reads what the writes depend on under WATCH, then queues the batch and its marker in MULTI."""
+        seconds, micros = pipe.time()  # Redis's clock: the keys expire by it, whichever process writes
+        now_ms = seconds * 1000 + micros // 1000
         plans = {}
         for series in rows:  # immediate-mode reads under WATCH
             pipe.watch(self.keys.segs(series), self.keys.meta(series), self.keys.raw(series))
             self._check_types(pipe, series)
-            segs, meta = self.keys.segs(series), self.keys.meta(series)
-            segment_ids = [_stored_int(x, segs) for x in pipe.lrange(segs, 0, -1)]
-            next_sid = _stored_int(pipe.hget(meta, "next_sid"), meta)
-            open_count = 0
-            if segment_ids:
-                open_sum = f"{self.keys.seg(series, segment_ids[-1])}:sum"
-                pipe.watch(open_sum)
-                open_count = _stored_int(pipe.hget(open_sum, "n"), open_sum)
-            plans[series] = (segment_ids, next_sid, open_count)
+            plans[series] = self._read_segments(pipe, series)
         pipe.multi()
         for series, data in rows.items():
-            self._write_series(pipe, series, data, *plans[series])
+            self._write_series(pipe, series, data, now_ms, *plans[series])
         pipe.set(marker, 1, ex=BATCH_MARKER_TTL_S)
+
+    def _read_segments(self, pipe: redis.client.Pipeline, series: SeriesKey) -> tuple[list[_Segment], int]:
+        """The series' listed segments, oldest first, and the next segment id (under WATCH)."""
+        segs, meta = self.keys.segs(series), self.keys.meta(series)
+        fields = pipe.hgetall(meta)
+        segments = []
+        for raw_id in pipe.lrange(segs, 0, -1):
+            sid = _stored_int(raw_id, segs)
+            n, opened = fields.get(f"n:{sid}".encode()), fields.get(f"opened:{sid}".encode())
+            if opened is None:  # stored before segments recorded their age: read its size; it takes no more requests
+                seg_sum = f"{self.keys.seg(series, sid)}:sum"
+                pipe.watch(seg_sum)
+                segments.append(_Segment(sid, _stored_int(pipe.hget(seg_sum, "n"), seg_sum), None))
+            else:
+                segments.append(_Segment(sid, _stored_int(n, meta), _stored_int(opened, meta)))
+        return segments, _stored_int(fields.get(b"next_sid"), meta)
 
     def _check_types(self, pipe: redis.client.Pipeline, series: SeriesKey) -> None:
         """Redis has no rollback: a command failing inside EXEC (WRONGTYPE) would leave the others applied, so
@@ -300,49 +341,60 @@ class SampleStore:
                 )
 
     def _write_series(
-        self, pipe: redis.client.Pipeline, series: SeriesKey, data: _Rows, segment_ids: list[int], next_sid: int,
-        open_count: int,
+        self, pipe: redis.client.Pipeline, series: SeriesKey, data: _Rows, now_ms: int, listed: list[_Segment],
+        next_sid: int,
     ) -> None:
-        limits, ttl = self.limits, self.limits.retention_s
+        limits = self.limits
+        segs, meta = self.keys.segs(series), self.keys.meta(series)
+        live = [seg for seg in listed if seg.alive(now_ms, limits)]
+        for seg in listed:
+            if seg not in live:  # expired (its keys are gone): off the list
+                self._drop(pipe, series, seg.sid)
         start = 0
         while start < len(data.totals):
-            if not segment_ids or open_count >= limits.segment_size:
-                segment_ids.append(next_sid)
-                pipe.rpush(self.keys.segs(series), next_sid)
+            if not live or not live[-1].open(now_ms, limits):
+                live.append(_Segment(next_sid, 0, now_ms))
+                pipe.rpush(segs, next_sid)
+                pipe.hset(meta, f"opened:{next_sid}", now_ms)
                 next_sid += 1
-                open_count = 0
-            stop = min(len(data.totals), start + limits.segment_size - open_count)
-            self._append(pipe, self.keys.seg(series, segment_ids[-1]), data, slice(start, stop))
-            open_count += stop - start
+            seg = live[-1]
+            stop = min(len(data.totals), start + limits.segment_size - seg.n)
+            self._append(pipe, self.keys.seg(series, seg.sid), data, slice(start, stop), seg.opened + limits.max_age_ms)
+            pipe.hincrby(meta, f"n:{seg.sid}", stop - start)
+            seg.n += stop - start
             start = stop
-        while len(segment_ids) > limits.max_segments:  # retention by count: drop the oldest whole segment
-            oldest = segment_ids.pop(0)
-            pipe.lpop(self.keys.segs(series))
-            pipe.unlink(*self.keys.seg_keys(series, oldest))
-        pipe.hset(self.keys.meta(series), "next_sid", next_sid)
-        for key in (self.keys.segs(series), self.keys.meta(series)):
-            pipe.expire(key, ttl)
+        while sum(seg.n for seg in live) > limits.max_requests:  # retention by count: drop the oldest whole segment
+            self._drop(pipe, series, live.pop(0).sid)
+        pipe.hset(meta, "next_sid", next_sid)
+        for key in (segs, meta):  # the index outlives the segments it lists
+            pipe.pexpire(key, limits.max_age_ms)
         if limits.raw_max > 0:
-            for raw in data.raw_json:
-                pipe.xadd(self.keys.raw(series), {"s": raw}, maxlen=limits.raw_max, approximate=True)
-            pipe.expire(self.keys.raw(series), ttl)
+            raw = self.keys.raw(series)
+            for entry in data.raw_json:
+                pipe.xadd(raw, {"s": entry}, maxlen=limits.raw_max, approximate=True)
+            pipe.xtrim(raw, minid=now_ms - limits.retention_s * 1000, approximate=False)  # ids are Redis ms times
+            pipe.pexpire(raw, limits.max_age_ms)
         pipe.sadd(self.keys.series_set(), series.encode())
 
-    def _append(self, pipe: redis.client.Pipeline, base: str, data: _Rows, rows: slice) -> None:
-        ttl = self.limits.retention_s
+    def _drop(self, pipe: redis.client.Pipeline, series: SeriesKey, sid: int) -> None:
+        pipe.lrem(self.keys.segs(series), 1, sid)
+        pipe.hdel(self.keys.meta(series), f"n:{sid}", f"opened:{sid}")
+        pipe.unlink(*self.keys.seg_keys(series, sid))
+
+    def _append(self, pipe: redis.client.Pipeline, base: str, data: _Rows, rows: slice, expire_at_ms: int) -> None:
         columns = np.ascontiguousarray(data.quantised[rows].T)  # [NUM_EDGES, rows]
         sums = columns.sum(axis=1, dtype=np.int64)
         for k in range(NUM_EDGES):
             key = f"{base}:col:{k}"
             pipe.append(key, columns[k].tobytes())
-            pipe.expire(key, ttl)
+            pipe.pexpireat(key, expire_at_ms)
         for k in range(NUM_EDGES):
             pipe.hincrby(f"{base}:sum", str(k), int(sums[k]))
         pipe.hincrby(f"{base}:sum", "n", rows.stop - rows.start)
         pipe.hincrby(f"{base}:sum", "removable", int(data.removable[rows].sum(dtype=np.int64)))
-        pipe.expire(f"{base}:sum", ttl)
+        pipe.pexpireat(f"{base}:sum", expire_at_ms)
         pipe.append(f"{base}:totals", data.totals[rows].tobytes())
-        pipe.expire(f"{base}:totals", ttl)
+        pipe.pexpireat(f"{base}:totals", expire_at_ms)
 
     # ---- reads --------------------------------------------------------------------------------------------
     def series(self) -> list[SeriesKey]:

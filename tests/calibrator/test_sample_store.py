@@ -63,7 +63,7 @@ def test_oldest_segments_are_dropped_and_raw_stream_capped(redis_client, prefix)
     assert [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["3", "4"]
     assert not redis_client.exists(f"{prefix}seg:m:t:*:0:sum", f"{prefix}seg:m:t:*:0:col:5")
     assert redis_client.xlen(f"{prefix}raw:m:t:*") <= 15 + 100  # MAXLEN ~ trims by whole stream nodes
-    assert 0 < redis_client.ttl(f"{prefix}seg:m:t:*:4:col:7") <= StoreLimits().retention_s
+    assert 0 < redis_client.pttl(f"{prefix}seg:m:t:*:4:col:7") <= StoreLimits().max_age_ms
 
 
 def test_retention_expires_samples(redis_client, prefix):
@@ -73,6 +73,51 @@ def test_retention_expires_samples(redis_client, prefix):
     time.sleep(1.3)
     assert store.curves("m", "t").num_requests == 0
     assert store.series() == []
+
+
+def test_a_slowly_written_series_still_forgets_samples_older_than_its_retention(redis_client, prefix):
+    """Each append refreshed the TTL of the segment it went to, so a series written less often than its retention
+    kept its first samples for as long as it was written at all. A segment now takes requests for retention_s / 8
+    and then expires whole: a sample lives between retention_s and 1.125 × retention_s (2 s to 2.25 s here)."""
+    store = SampleStore(redis_client, prefix, StoreLimits(retention_s=2))
+    start = time.monotonic()
+    store.ingest(_summaries(3, seed=1))
+    time.sleep(1.0)
+    store.ingest(_summaries(2, seed=2))  # the first segment stopped taking requests 0.25 s after it opened
+    assert store.curves("m", "t").num_requests == 5
+    time.sleep(2.6 - (time.monotonic() - start))
+    assert store.curves("m", "t").num_requests == 2, "the samples written 2.6 s ago are past their retention"
+    store.ingest(_summaries(1, seed=3))  # the raw stream is trimmed to the retention by its entries' times
+    assert len(store.raw(SeriesKey("m", "t"))) == 3
+    assert store.curves("m", "t").num_requests == 3 and time.monotonic() - start < 2.9  # (1 s + 2 s: still kept)
+
+
+def test_the_count_bound_counts_requests_when_segments_close_by_age(redis_client, prefix):
+    """Segments closed by age hold fewer than segment_size requests: the bound drops the oldest whole segment only
+    while the series holds more than max_requests."""
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=10, segment_size=5, retention_s=4))
+    for seed in range(3):  # three segments of 3 (each opened after the last stopped taking requests, 0.5 s)
+        store.ingest(_summaries(3, seed=seed))
+        time.sleep(0.6)
+    assert store.curves("m", "t").num_requests == 9
+    store.ingest(_summaries(3, seed=3))  # a fourth segment: 12 > 10, the oldest segment goes
+    curves = store.curves("m", "t")
+    assert curves.num_requests == 9 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["1", "2", "3"]
+    meta = redis_client.hgetall(store.keys.meta(SeriesKey("m", "t")))
+    assert b"n:0" not in meta and meta[b"n:3"] == b"3"
+
+
+def test_segments_stored_before_they_recorded_their_age_are_kept_and_closed(redis_client, prefix):
+    """Data written by an earlier version (no ``n:``/``opened:`` fields): still counted, takes no new requests."""
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=6, segment_size=5))
+    store.ingest(_summaries(3, seed=1))
+    meta = store.keys.meta(SeriesKey("m", "t"))
+    redis_client.hdel(meta, "n:0", "opened:0")  # as the earlier layout left it
+    store.ingest(_summaries(2, seed=2))
+    curves = store.curves("m", "t")
+    assert curves.num_requests == 5 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["0", "1"]
+    store.ingest(_summaries(2, seed=3))  # 7 > 6: the old segment is the oldest and goes
+    assert store.curves("m", "t").num_requests == 4 and not redis_client.exists(f"{prefix}seg:m:t:*:0:sum")
 
 
 def test_redis_down_raises_a_typed_error(closed_port_url):
@@ -200,7 +245,7 @@ def test_a_store_without_limits_of_its_own_follows_the_published_ones(redis_clie
         sampler.ingest(_summaries(4, seed=seed))
     series = SeriesKey("m", "t")
     assert sampler.limits == service.limits
-    assert 0 < redis_client.ttl(sampler.keys.segs(series)) <= 60
+    assert 0 < redis_client.pttl(sampler.keys.segs(series)) <= service.limits.max_age_ms == 67_500
     assert sampler.curves("m", "t").num_requests <= 10  # whole 5-request segments beyond the bound are dropped
 
 

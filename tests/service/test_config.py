@@ -60,4 +60,5 @@ def test_a_segment_larger_than_the_series_bound_stops_the_start():
     with pytest.raises(ValidationError, match=r"KVZAP_SEGMENT_SIZE \(10000\) is larger than "
                                               r"KVZAP_MAX_REQUESTS_PER_SERIES \(100\)"):
         Settings(max_requests_per_series=100)
-    assert Settings(max_requests_per_series=100, segment_size=100).store_limits().max_segments == 1
+    limits = Settings(max_requests_per_series=100, segment_size=100, retention_s=80).store_limits()
+    assert (limits.max_requests, limits.segment_size, limits.max_age_ms) == (100, 100, 90_000)
