@@ -4,7 +4,7 @@ Per series (model, task, tenant), under a configurable key prefix ``P`` and ``S 
 
 * ``P:raw:S`` — capped stream (XADD MAXLEN ~) of the raw summaries as JSON, for audit and re-aggregation;
 * ``P:segs:S`` — list of live segment ids, oldest first; ``P:meta:S`` — hash with the next segment id and, per
-  segment ``G``, ``n:G`` (requests in it) and ``opened:G`` (when it opened, Redis time in ms);
+  segment ``G``, ``n:G`` (requests in it) and ``expires:G`` (when its keys expire, Redis time in ms);
 * per segment ``G`` (at most ``segment_size`` requests), the pre-aggregated fit data:
   ``P:seg:S:G:sum`` — hash: ``n`` requests, ``removable`` and, for every edge ``k``, field ``k`` =
   Σ over requests of the quantised removed fraction at ``EDGES[k]``;
@@ -17,7 +17,10 @@ holds more than ``max_requests`` its oldest whole segment is dropped. By age: a 
 ``retention_s / 8`` after it opened (then the next one opens) and its keys expire together at a fixed time, so a
 sample is kept at least ``retention_s`` and at most ``StoreLimits.max_age_ms`` (1.125 × ``retention_s``) — however
 slowly its series is written (the keys' TTL was refreshed by every append, so a series written now and then kept
-its samples for ever); the raw stream is trimmed to ``retention_s`` by entry id.
+its samples for ever). A segment's expiry is fixed when it opens; when the retention shrinks, the next write brings
+every segment's expiry down to at most ``max_age_ms`` from then, and a segment takes requests only while its expiry
+keeps them between ``retention_s`` and ``max_age_ms``. The raw stream is trimmed to ``retention_s`` by entry id on
+each write and read no further back.
 Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
 when the connection drops; Redis has no rollback for commands failing inside EXEC, so key types are checked
 under WATCH first). The same EXEC writes ``P:batch:ID``, a marker of the batch (TTL ``BATCH_MARKER_TTL_S``): a
@@ -96,20 +99,23 @@ class StoreLimits:
 
 @dataclass
 class _Segment:
-    """A listed segment as an ingest sees it: ``opened`` is None for one stored before segments recorded their age."""
+    """A listed segment as an ingest sees it: ``expires`` is None for one stored before segments recorded it."""
 
     sid: int
     n: int
-    opened: int | None
+    expires: int | None  # when its keys expire (Redis ms)
 
-    def alive(self, now_ms: int, limits: StoreLimits) -> bool:
-        if self.opened is None:
+    def alive(self, now_ms: int) -> bool:
+        if self.expires is None:
             return self.n > 0  # its keys expire by their own TTL (an expired sum reads 0)
-        return now_ms < self.opened + limits.max_age_ms
+        return now_ms < self.expires
 
     def open(self, now_ms: int, limits: StoreLimits) -> bool:
-        """Takes new requests: young enough and not full."""
-        return self.opened is not None and now_ms - self.opened < limits.open_for_ms and self.n < limits.segment_size
+        """Takes new requests: not full, and a request written now would be kept between retention_s and max_age
+        (with unchanged limits: for open_for_ms after the segment opened)."""
+        if self.expires is None or self.n >= limits.segment_size:
+            return False
+        return limits.retention_s * 1000 <= self.expires - now_ms <= limits.max_age_ms
 
 
 @dataclass
@@ -320,13 +326,13 @@ class SampleStore:
         segments = []
         for raw_id in pipe.lrange(segs, 0, -1):
             sid = _stored_int(raw_id, segs)
-            n, opened = fields.get(f"n:{sid}".encode()), fields.get(f"opened:{sid}".encode())
-            if opened is None:  # stored before segments recorded their age: read its size; it takes no more requests
+            n, expires = fields.get(f"n:{sid}".encode()), fields.get(f"expires:{sid}".encode())
+            if expires is None:  # stored before segments recorded their expiry: read its size; it takes no requests
                 seg_sum = f"{self.keys.seg(series, sid)}:sum"
                 pipe.watch(seg_sum)
                 segments.append(_Segment(sid, _stored_int(pipe.hget(seg_sum, "n"), seg_sum), None))
             else:
-                segments.append(_Segment(sid, _stored_int(n, meta), _stored_int(opened, meta)))
+                segments.append(_Segment(sid, _stored_int(n, meta), _stored_int(expires, meta)))
         return segments, _stored_int(fields.get(b"next_sid"), meta)
 
     def _check_types(self, pipe: redis.client.Pipeline, series: SeriesKey) -> None:
@@ -346,28 +352,37 @@ class SampleStore:
     ) -> None:
         limits = self.limits
         segs, meta = self.keys.segs(series), self.keys.meta(series)
-        live = [seg for seg in listed if seg.alive(now_ms, limits)]
+        live = [seg for seg in listed if seg.alive(now_ms)]
         for seg in listed:
-            if seg not in live:  # expired (its keys are gone): off the list
+            if not seg.alive(now_ms):  # expired (its keys are gone): off the list
                 self._drop(pipe, series, seg.sid)
+        for seg in live:  # written under longer limits: kept no longer than a sample written now
+            if seg.expires is not None and seg.expires > now_ms + limits.max_age_ms:
+                seg.expires = now_ms + limits.max_age_ms
+                for key in self.keys.seg_keys(series, seg.sid):
+                    pipe.pexpireat(key, seg.expires)
+                pipe.hset(meta, f"expires:{seg.sid}", seg.expires)
         start = 0
         while start < len(data.totals):
             if not live or not live[-1].open(now_ms, limits):
-                live.append(_Segment(next_sid, 0, now_ms))
+                live.append(_Segment(next_sid, 0, now_ms + limits.max_age_ms))
+                pipe.unlink(*self.keys.seg_keys(series, next_sid))  # never append to keys an expired index left
                 pipe.rpush(segs, next_sid)
-                pipe.hset(meta, f"opened:{next_sid}", now_ms)
+                pipe.hset(meta, f"expires:{next_sid}", live[-1].expires)
                 next_sid += 1
             seg = live[-1]
             stop = min(len(data.totals), start + limits.segment_size - seg.n)
-            self._append(pipe, self.keys.seg(series, seg.sid), data, slice(start, stop), seg.opened + limits.max_age_ms)
+            self._append(pipe, self.keys.seg(series, seg.sid), data, slice(start, stop), seg.expires)
             pipe.hincrby(meta, f"n:{seg.sid}", stop - start)
             seg.n += stop - start
             start = stop
         while sum(seg.n for seg in live) > limits.max_requests:  # retention by count: drop the oldest whole segment
             self._drop(pipe, series, live.pop(0).sid)
         pipe.hset(meta, "next_sid", next_sid)
-        for key in (segs, meta):  # the index outlives the segments it lists
-            pipe.pexpire(key, limits.max_age_ms)
+        # The index outlives every segment it lists (those written under longer limits too).
+        index_expires = max([now_ms + limits.max_age_ms] + [seg.expires for seg in live if seg.expires is not None])
+        for key in (segs, meta):
+            pipe.pexpireat(key, index_expires)
         if limits.raw_max > 0:
             raw = self.keys.raw(series)
             for entry in data.raw_json:
@@ -378,7 +393,7 @@ class SampleStore:
 
     def _drop(self, pipe: redis.client.Pipeline, series: SeriesKey, sid: int) -> None:
         pipe.lrem(self.keys.segs(series), 1, sid)
-        pipe.hdel(self.keys.meta(series), f"n:{sid}", f"opened:{sid}")
+        pipe.hdel(self.keys.meta(series), f"n:{sid}", f"expires:{sid}")
         pipe.unlink(*self.keys.seg_keys(series, sid))
 
     def _append(self, pipe: redis.client.Pipeline, base: str, data: _Rows, rows: slice, expire_at_ms: int) -> None:
@@ -451,9 +466,12 @@ class SampleStore:
         return StoredCurves(self.client, segments, sums, removable)
 
     def raw(self, series: SeriesKey, count: int = 100) -> list[ScoreSummary]:
-        """The most recent ``count`` raw summaries of a series, newest first."""
+        """The most recent ``count`` raw summaries of a series within its retention, newest first (the stream is
+        trimmed when its series is written, so older entries may still be stored)."""
         try:
-            entries = self.client.xrevrange(self.keys.raw(series), count=count)
+            seconds, micros = self.client.time()
+            oldest = seconds * 1000 + micros // 1000 - self.limits.retention_s * 1000
+            entries = self.client.xrevrange(self.keys.raw(series), min=str(max(0, oldest)), count=count)
         except redis.RedisError as error:
             raise unavailable(error) from error
         return [ScoreSummary.model_validate_json(fields[b"s"]) for _, fields in entries]

@@ -107,12 +107,31 @@ def test_the_count_bound_counts_requests_when_segments_close_by_age(redis_client
     assert b"n:0" not in meta and meta[b"n:3"] == b"3"
 
 
+def test_a_shorter_retention_reaches_the_samples_stored_under_the_longer_one(redis_client, prefix):
+    """The service restarted with a shorter retention, or a server's sampler wrote under the defaults before it read
+    the published limits: the next write brings the older segments' expiry within the new bound, and the index
+    keys outlive every segment they list (an index that expired first let a new segment 0 append to the old one's
+    keys, so samples past the retention came back into the fit)."""
+    long = SampleStore(redis_client, prefix, StoreLimits(retention_s=30))
+    short = SampleStore(redis_client, prefix, StoreLimits(retention_s=1))
+    series = SeriesKey("m", "t")
+    start = time.monotonic()
+    long.ingest(_summaries(3, seed=1))
+    time.sleep(0.3)
+    short.ingest(_summaries(2, seed=2))
+    assert 0 < redis_client.pttl(f"{prefix}seg:m:t:*:0:sum") <= short.limits.max_age_ms
+    time.sleep(1.8 - (time.monotonic() - start))  # every sample so far is past the 1.125 s bound
+    short.ingest(_summaries(2, seed=3))
+    assert short.curves("m", "t").num_requests == 2 and redis_client.pttl(short.keys.segs(series)) > 0
+    assert len(short.raw(series)) == 2
+
+
 def test_segments_stored_before_they_recorded_their_age_are_kept_and_closed(redis_client, prefix):
-    """Data written by an earlier version (no ``n:``/``opened:`` fields): still counted, takes no new requests."""
+    """Data written by an earlier version (no ``n:``/``expires:`` fields): still counted, takes no new requests."""
     store = SampleStore(redis_client, prefix, StoreLimits(max_requests=6, segment_size=5))
     store.ingest(_summaries(3, seed=1))
     meta = store.keys.meta(SeriesKey("m", "t"))
-    redis_client.hdel(meta, "n:0", "opened:0")  # as the earlier layout left it
+    redis_client.hdel(meta, "n:0", "expires:0")  # as the earlier layout left it
     store.ingest(_summaries(2, seed=2))
     curves = store.curves("m", "t")
     assert curves.num_requests == 5 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["0", "1"]
