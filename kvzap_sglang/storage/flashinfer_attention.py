@@ -19,7 +19,8 @@ kernels, scripts/gpu/check.sh):
 * ``extend_ragged`` — SGLang's default FlashInfer extend: the new tokens attend to their own raw K/V through
   ``BatchPrefillWithRaggedKVCacheWrapper`` (causal, per request, ``num_kv_heads = H``, no folding), the kept
   cached prefix through a non-causal paged plan over the prefix-only layout (folded), and the two partial results
-  are merged by their log-sum-exp (``merge_state``). An emptied prefix head has LSE −inf and drops out.
+  are merged by their log-sum-exp (``merge_state``). An emptied prefix head gets output 0 and an LSE of about
+  −5e4 (FlashInfer's finite "−inf", ``math.cuh``), so it drops out of the merge.
 
 FlashInfer is imported lazily (``require_flashinfer``): the core imports on machines without it, and every kernel
 needs a CUDA device (../shared/notes/environment.md §8). The plan-argument builders (``decode_plan_args``,

@@ -209,6 +209,13 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def write_json(args, rows: list[Row], fi) -> None:
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": fi.__version__,
+            "python": platform.python_version(), "args": vars(args)}  # fmt: skip
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
 def run(args) -> list[Row]:
     fi = fia.require_flashinfer()
     attention = fia.FlashInferCellAttention(DEVICE)
@@ -242,6 +249,8 @@ def run(args) -> list[Row]:
                 )  # fmt: skip
                 rows.append(row)
                 print_row(row, first=len(rows) == 1)
+                if args.json:  # after every row: a run stopped by a timeout still leaves its figures
+                    write_json(args, rows, fi)
             del setup
             torch.cuda.empty_cache()
     return rows
@@ -273,10 +282,6 @@ def main(argv=None) -> int:
           f"{args.layers} layers, H_q={args.q_heads}, H={args.kv_heads}, d={args.head_dim}, bf16, window {args.window}")
     rows = run(args)
     if args.json:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": fi.__version__,
-                "python": platform.python_version(), "args": vars(args)}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
         print(f"wrote {args.json}")
     bad = [r for r in rows if not math.isfinite(r.rel_err_vs_attend) or r.rel_err_vs_attend > 1e-2]
     if bad:

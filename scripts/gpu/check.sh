@@ -31,6 +31,38 @@ if ! python3 -c "import flashinfer" 2>/dev/null; then
     export PYTHONPATH=/tmp/kvzap-gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# FlashInfer's JIT uses CUDA_HOME, else dirname(dirname(`which nvcc`)) (flashinfer/jit/cpp_ext.py get_cuda_path),
+# and links every module with -L$CUDA_HOME/lib64 -L$CUDA_HOME/lib64/stubs -lcudart -lcuda. Pin CUDA_HOME to the
+# toolkit nvcc really runs from, and check that link in seconds instead of after the first compile.
+if [[ -z ${CUDA_HOME:-} ]] && command -v nvcc >/dev/null; then
+    top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+    if [[ -n $top ]]; then CUDA_HOME=$(cd "$top" && pwd -P); export CUDA_HOME; fi
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset} nvcc=$(command -v nvcc || echo MISSING) ninja=$(command -v ninja || echo MISSING)"
+if ! command -v ninja >/dev/null; then   # FlashInfer runs "ninja" from PATH; the pip package keeps it in ninja.BIN_DIR
+    ninja_dir=$(python3 -c "import ninja; print(ninja.BIN_DIR)" 2>/dev/null) && export PATH=$ninja_dir:$PATH
+fi
+# shellcheck disable=SC2086
+link_check() {
+    echo 'int main(){return 0;}' | ${CXX:-c++} -x c++ - -o /tmp/kvzap-linkcheck \
+        -L"${CUDA_HOME:-/usr/local/cuda}/lib64" -L"${CUDA_HOME:-/usr/local/cuda}/lib64/stubs" \
+        ${FLASHINFER_EXTRA_LDFLAGS:-} -lcudart -lcuda  # unquoted on purpose: a list of flags
+}
+if ! link_check 2>/tmp/kvzap-linkcheck.err; then
+    # e.g. no lib64/stubs/libcuda.so, or a pip toolkit with lib/libcudart.so.13 only: offer unversioned links
+    mkdir -p /tmp/kvzap-cudalib
+    cudart=
+    for f in "${CUDA_HOME:-/usr/local/cuda}"/lib*/libcudart.so*; do [[ -e $f ]] && cudart=$f && break; done
+    libcuda=$(ldconfig -p | awk '/libcuda\.so\.1 /{print $NF; exit}')
+    [[ -n $cudart ]] && ln -sf "$cudart" /tmp/kvzap-cudalib/libcudart.so
+    [[ -n $libcuda ]] && ln -sf "$libcuda" /tmp/kvzap-cudalib/libcuda.so
+    export FLASHINFER_EXTRA_LDFLAGS="-L/tmp/kvzap-cudalib ${FLASHINFER_EXTRA_LDFLAGS:-}"
+    if ! link_check 2>>/tmp/kvzap-linkcheck.err; then
+        echo "check.sh: cannot link -lcudart -lcuda as FlashInfer's JIT will:" >&2
+        cat /tmp/kvzap-linkcheck.err >&2
+        exit 2
+    fi
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
 python3 - <<'PY'
@@ -42,7 +74,8 @@ PY
 status=0
 if [[ $stage == all || $stage == test ]]; then
     echo "== equivalence: FlashInfer vs attend on CUDA ($(date +%T))"
-    python3 -m pytest tests/core/test_flashinfer_attention.py -q -s -rs -p no:cacheprovider 2>&1 \
+    timeout "${TEST_TIMEOUT:-240}" \
+        python3 -m pytest tests/core/test_flashinfer_attention.py -q -s -rs -p no:cacheprovider 2>&1 \
         | tee "$out/equivalence.log" || status=1
     if grep -qi "SKIPPED.*CUDA device" "$out/equivalence.log"; then
         echo "check.sh: the CUDA test was skipped: no GPU seen by torch" >&2
@@ -52,7 +85,8 @@ fi
 if [[ $stage == all || $stage == bench ]]; then
     echo "== decode benchmark ($(date +%T))"
     # shellcheck disable=SC2086
-    python3 scripts/gpu/bench_decode.py --json "$out/bench_decode.json" ${BENCH_ARGS:-} 2>&1 \
+    timeout "${BENCH_TIMEOUT:-150}" \
+        python3 scripts/gpu/bench_decode.py --json "$out/bench_decode.json" ${BENCH_ARGS:-} 2>&1 \
         | tee "$out/bench_decode.log" || status=1
 fi
 echo "== done ($(date +%T)), status $status; files in $out"

@@ -362,5 +362,5 @@ def test_flashinfer_kernels_match_attend_on_cuda():
     t = attention.times
     print(f"plan: {t.plans} calls {1e6 * t.plan_s / max(t.plans, 1):.0f} us/call; "
           f"run: {t.runs} calls {1e6 * t.run_s / max(t.runs, 1):.0f} us/call")  # fmt: skip
-    worst = max(rows, key=lambda row: row[2])
-    assert worst[2] < BF16_TOL, f"worst relative error {worst}"
+    bad = [row for row in rows if not (math.isfinite(row[2]) and row[2] < BF16_TOL)]  # NaN fails too
+    assert not bad, f"relative error not below {BF16_TOL}: {bad}"
