@@ -227,18 +227,30 @@ class KvzapRadixCache(RadixCache):
         return self._evict_until(lambda freed_cells, freed_slots: freed_slots >= num_slots)[1]
 
     def evict_tenant(self, tenant: int, num_cells: int) -> int:
-        """Evict ``tenant``'s cached leaves (never another tenant's: namespaces are per tenant) until ``num_cells``
-        cells are free; returns cells freed (multi-tenant budgets, ``tenants.admit_within_budgets``)."""
+        """Evict ``tenant``'s cached leaves until ``num_cells`` of its cells are free; returns its cells freed
+        (multi-tenant budgets, ``tenants.admit_within_budgets``). In a prefix-cache group another tenant's cached
+        continuation of the tenant's prefix is evicted too when nothing uses it: the prefix is then no leaf, and it
+        would hold the tenant's budget for as long as the continuation stays cached (a request waited for ever)."""
         if self.disable or num_cells <= 0:
             return 0
         tags = self.store.tenant.tag
 
-        def owned(leaf) -> bool:
-            return leaf.value.numel() > 0 and int(tags[leaf.value[0]]) == tenant
+        def owned(node) -> bool:
+            return node.value.numel() > 0 and int(tags[node.value[0]]) == tenant
 
-        return self._evict_until(lambda freed_cells, freed_slots: freed_cells >= num_cells, owned)[0]
+        def on_owned_path(leaf) -> bool:
+            node = leaf
+            while node is not None and node is not self.root_node:
+                if owned(node):
+                    return True
+                node = node.parent
+            return False
 
-    def _evict_until(self, enough, eligible=None) -> tuple[int, int]:
+        return self._evict_until(lambda freed_cells, freed_slots: freed_cells >= num_cells, on_owned_path, owned)[0]
+
+    def _evict_until(self, enough, eligible=None, counted=None) -> tuple[int, int]:
+        """Evict leaves (those ``eligible``, oldest first by the eviction strategy) until ``enough``; returns the
+        cells (of the leaves ``counted``, all by default) and slots freed."""
         start_time = time.perf_counter()
         leaves = [n for n in self.evictable_leaves if eligible is None or eligible(n)]
         heap = [(self.eviction_strategy.get_priority(node), node) for node in leaves]
@@ -246,7 +258,8 @@ class KvzapRadixCache(RadixCache):
         freed_cells = freed_slots = 0
         while not enough(freed_cells, freed_slots) and heap:
             _, leaf = heapq.heappop(heap)
-            freed_cells += int(self.store.slot_cells.index_select(0, leaf.value).sum())
+            if counted is None or counted(leaf):
+                freed_cells += int(self.store.slot_cells.index_select(0, leaf.value).sum())
             freed_slots += leaf.value.numel()
             self.token_to_kv_pool_allocator.free_segment(leaf.value, start_pos=0)
             self._delete_leaf(leaf)

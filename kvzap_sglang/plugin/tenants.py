@@ -15,8 +15,11 @@ per-tenant KV budgets at admission, per-tenant figures.
   whose tenant's held cells (its live requests + its cached prefixes, ``CellStore.tenant``) plus the growth its
   running requests may still need plus this request's worst case (prompt + ``max_new_tokens``, unpruned) would
   exceed the budget stays queued for this round, after the tenant's own evictable cached prefixes have been
-  evicted to make room, and so do the tenant's later requests (first come, first served within a tenant, as
-  SGLang's own admission stops at the first request that does not fit: small requests never starve a large one);
+  evicted to make room, and so do the tenant's later requests while its own running requests are what it waits
+  for (first come, first served within a tenant, as SGLang's own admission stops at the first request that does
+  not fit: small requests never starve a large one; a tenant with nothing running whose request still does not
+  fit waits for cells it cannot free, such as its cached prefix in use by another tenant of its prefix-cache
+  group, and its later requests go ahead rather than wait with it);
   the other tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. Held
   requests keep their places in the waiting queue (``requeue``).
 * **A tenant's budget is its pool** (``cap_to_budget``, AROUND ``Scheduler.init_req_max_new_tokens``) — as SGLang
@@ -253,7 +256,8 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
         else:
             held_back.append(req)
             table.held_back[t] += 1
-            blocked.add(t)
+            if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
+                blocked.add(t)
     return held_back
 
 

@@ -4,6 +4,7 @@ One server with ``--kvzap-tenants`` (constant surrogate: KV head 0 scores 0 < τ
 tenant ``keep`` runs at τ = -10 (nothing pruned), ``small`` has a 200-token KV budget, ``tight`` the same budget
 with the tighten-before-queueing policy (τ within [0.5, 1.5]: under pressure head 1, scoring 1, goes too), ``acme``
 follows the calibration service, ``narrow`` has its own window, ``strict`` a 200-token budget with nothing pruned,
+``grp-a`` (200-token budget) and ``grp-b`` (none) share a prefix-cache group with nothing pruned,
 ``[default]`` sets its τ in the file; every finished request is sampled into Redis; prompts over 64 tokens are
 prefilled in chunks. Checked: per-tenant τ in the forward; cached prefixes never served across tenants; a flooding
 tenant queues instead of exceeding its budget (sampled all along); a τ a tenant sets through the service applies
@@ -33,7 +34,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
 KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1", "tight": "tight-test-key-1",
         "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key", "narrow": "narrow-test-key-1",
-        "strict": "strict-test-key-1"}
+        "strict": "strict-test-key-1", "grp-a": "grp-a-test-key-1", "grp-b": "grp-b-test-key-1"}
 CHUNK = 64  # --chunked-prefill-size: prompts longer than this are prefilled in chunks
 NARROW_WINDOW = 4
 SMALL_BUDGET_TOKENS = 200
@@ -76,6 +77,17 @@ window = {NARROW_WINDOW}
 api_key = "{KEYS['strict']}"
 threshold = -10.0
 kv_budget_tokens = {SMALL_BUDGET_TOKENS}
+
+[tenants.grp-a]
+api_key = "{KEYS['grp-a']}"
+threshold = -10.0
+kv_budget_tokens = {SMALL_BUDGET_TOKENS}
+prefix_cache_group = "shared"
+
+[tenants.grp-b]
+api_key = "{KEYS['grp-b']}"
+threshold = -10.0
+prefix_cache_group = "shared"
 """
 
 
@@ -251,6 +263,30 @@ def test_a_tenants_later_request_never_overtakes_one_held_for_its_budget(server)
     assert response.status_code == 200, response.text
     assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [100, 90, 20]
     assert len(running) > 10 and max(running) == 1, f"requests of 'strict' ran side by side: {max(running)}"
+
+
+def test_a_tenant_waiting_on_cells_another_tenant_holds_still_runs_what_fits(server):
+    """``grp-a`` cached a 150-token document that ``grp-b`` (same prefix-cache group) is decoding on, so those cells
+    count against ``grp-a``'s 200-token budget and cannot be evicted. ``grp-a``'s 60 + 60-token request cannot run
+    until ``grp-b`` is done, and ``grp-a`` has nothing running of its own that would free room: its later 10 + 10-token
+    request, which fits, runs meanwhile instead of waiting in line behind it. Once ``grp-b`` is done, its cached
+    continuation is evicted with the document so that the large request runs (it was no leaf of ``grp-a``'s, so the
+    document held ``grp-a``'s budget and the request waited for ever)."""
+    document = [9000 + i for i in range(150)]
+    assert send_batch(server, "grp-a", [document], [1]).status_code == 200  # cached, counted against grp-a
+    pool = ThreadPoolExecutor(max_workers=3)
+    try:  # bounded waits: a request that never gets in fails the test (TimeoutError) instead of hanging it
+        reader = pool.submit(send_batch, server, "grp-b", [document + [9500 + i for i in range(5)]], [150])
+        wait_for(lambda: tenants_state(server)["grp-b"]["running_requests"] == 1, "grp-b decoding on the document")
+        large = pool.submit(send_batch, server, "grp-a", [[9600 + i for i in range(60)]], [60])
+        wait_for(lambda: tenants_state(server)["grp-a"]["queued_requests"] == 1, "grp-a's large request held")
+        small = pool.submit(send_batch, server, "grp-a", [[9700 + i for i in range(10)]], [10]).result(timeout=60)
+        assert small.status_code == 200 and not reader.done(), "the small request waited for grp-b's request"
+        assert reader.result(timeout=120).status_code == 200
+        large_response = large.result(timeout=120)
+    finally:
+        pool.shutdown(wait=False)
+    assert large_response.status_code == 200 and large_response.json()[0]["meta_info"]["completion_tokens"] == 60
 
 
 def test_put_generate_is_a_tenants_request_and_no_route_lets_a_body_name_a_tenant(server):
