@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 
+import time
+
 import pytest
 import requests
 
@@ -29,7 +31,13 @@ def generate(url: str, ids: list[int], max_new_tokens: int, **extra) -> dict:
 
 
 def flush(url: str) -> None:
-    requests.post(f"{url}/flush_cache", timeout=60).raise_for_status()
+    """SGLang answers 400 while a request is still leaving the scheduler (the HTTP answer can come first): retry."""
+    for _ in range(100):
+        response = requests.post(f"{url}/flush_cache", timeout=60)
+        if response.status_code != 400:
+            break
+        time.sleep(0.1)
+    response.raise_for_status()
 
 
 def chat_ids(tokenizer, messages: list[dict], answer_prefix: str = "") -> list[int]:

@@ -407,7 +407,8 @@ def test_the_status_command_prints_every_tenants_row(server, capsys):
 
     assert main(["status", "--url", server]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow", "strict"}
+    assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow", "strict", "grp-a",
+                         "grp-b"}
     assert rows["keep"][1:3] == ["-10.000", "-10.000"] and rows["small"][5] == str(SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN)
 
 
