@@ -31,14 +31,19 @@ def test_sink_ships_batches_to_redis(redis_client, prefix):
     assert store.curves("m", "t", "acme").num_requests == 30
 
 
-def test_sink_never_blocks_and_counts_drops():
-    release = threading.Event()
-    sent = []
+def _held_transport():
+    """A real slow consumer: holds the sender thread until ``release`` is set; ``sent`` collects what it got."""
+    release, sent = threading.Event(), []
 
-    def slow_transport(batch):  # a real slow consumer: holds the sender thread until released
+    def transport(batch):
         release.wait(10)
         sent.extend(batch)
 
+    return transport, release, sent
+
+
+def test_sink_never_blocks_and_counts_drops():
+    slow_transport, release, sent = _held_transport()
     sink = SampleSink(slow_transport, max_queue=4, batch_size=1, flush_interval_s=0.01)
     start = time.perf_counter()
     accepted = [sink.offer(_summary(i)) for i in range(50)]
@@ -53,13 +58,7 @@ def test_sink_never_blocks_and_counts_drops():
 def test_closing_counts_what_was_still_queued():
     """close() gives up after its timeout: the summaries still queued are dropped and counted (they vanished from
     the counters before), the batch being sent is counted when its send ends, and a later offer is counted too."""
-    release = threading.Event()
-    sent = []
-
-    def stuck_transport(batch):  # a real slow consumer: holds the sender thread until released
-        release.wait(10)
-        sent.extend(batch)
-
+    stuck_transport, release, sent = _held_transport()
     sink = SampleSink(stuck_transport, max_queue=16, batch_size=1, flush_interval_s=0.01)
     assert all(sink.offer(_summary(i)) for i in range(5))
     time.sleep(0.2)  # the thread has taken the first summary and is stuck sending it
