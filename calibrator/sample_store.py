@@ -215,6 +215,12 @@ class StoredCurves:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def _redis_now_ms(client) -> int:
+    """Redis's clock in ms (a client, or a pipeline watching): keys expire by it, whichever process writes."""
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
 def _stored_int(value: bytes | None, key: str) -> int:
     """An integer read back from ``key`` (absent = 0). Anything else is foreign or corrupt data under the prefix:
     refused with the key named, as ``SampleStore._check_types`` does; skipping it would silently bias a fit."""
@@ -307,8 +313,7 @@ class SampleStore:
 
     def _queue_batch(self, pipe: redis.client.Pipeline, rows: dict[SeriesKey, _Rows], marker: str) -> None:
         """Reads what the writes depend on under WATCH, then queues the batch and its marker in MULTI."""
-        seconds, micros = pipe.time()  # Redis's clock: the keys expire by it, whichever process writes
-        now_ms = seconds * 1000 + micros // 1000
+        now_ms = _redis_now_ms(pipe)
         plans = {}
         for series in rows:  # immediate-mode reads under WATCH
             pipe.watch(self.keys.segs(series), self.keys.meta(series), self.keys.raw(series))
@@ -352,9 +357,11 @@ class SampleStore:
     ) -> None:
         limits = self.limits
         segs, meta = self.keys.segs(series), self.keys.meta(series)
-        live = [seg for seg in listed if seg.alive(now_ms)]
+        live = []
         for seg in listed:
-            if not seg.alive(now_ms):  # expired (its keys are gone): off the list
+            if seg.alive(now_ms):
+                live.append(seg)
+            else:  # expired (its keys are gone): off the list
                 self._drop(pipe, series, seg.sid)
         for seg in live:  # written under longer limits: kept no longer than a sample written now
             if seg.expires is not None and seg.expires > now_ms + limits.max_age_ms:
@@ -469,8 +476,7 @@ class SampleStore:
         """The most recent ``count`` raw summaries of a series within its retention, newest first (the stream is
         trimmed when its series is written, so older entries may still be stored)."""
         try:
-            seconds, micros = self.client.time()
-            oldest = seconds * 1000 + micros // 1000 - self.limits.retention_s * 1000
+            oldest = _redis_now_ms(self.client) - self.limits.retention_s * 1000
             entries = self.client.xrevrange(self.keys.raw(series), min=str(max(0, oldest)), count=count)
         except redis.RedisError as error:
             raise unavailable(error) from error
