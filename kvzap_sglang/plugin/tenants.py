@@ -21,7 +21,10 @@ per-tenant KV budgets at admission, per-tenant figures.
   fit waits for cells it cannot free, such as its cached prefix in use by another tenant of its prefix-cache
   group, and its later requests go ahead rather than wait with it);
   the other tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. Held
-  requests keep their places in the waiting queue (``requeue``).
+  requests keep their places in the waiting queue (``requeue``). A tenant's requests take their turns in SGLang's
+  order: by priority first under ``--enable-priority-scheduling`` (``_in_turn_order``). Structured-output requests
+  whose grammar is ready join the waiting queue before the check, not inside SGLang's admission after it
+  (``_take_ready_grammar_requests``); a request SGLang refuses needs only the one token it is queued with.
 * **A tenant's budget is its pool** (``cap_to_budget``, AROUND ``Scheduler.init_req_max_new_tokens``) — as SGLang
   clips ``max_new_tokens`` to what the whole pool can hold and refuses a prompt that cannot fit, a request of a
   tenant with a budget has ``max_new_tokens`` clipped so that prompt + new tokens fit the budget (finish reason
@@ -171,9 +174,11 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     # SGLang passes the batch it admits into (the last prefill merged in); scheduler.running_batch is only updated
     # after this call, so reading it missed the decode growth of requests prefilled in the previous step.
     running_batch = args[0] if args else kwargs["running_batch"]
-    held_back = _hold_back(scheduler, rt, table, running_batch) if table.has_budgets else []
-    kept = scheduler.waiting_queue
+    compiling = _take_ready_grammar_requests(scheduler) if table.has_budgets else None
+    held_back = []
     try:
+        held_back = _hold_back(scheduler, rt, table, running_batch) if table.has_budgets else []
+        kept = scheduler.waiting_queue
         if held_back:
             held = set(map(id, held_back))
             scheduler.waiting_queue = [req for req in kept if id(req) not in held]
@@ -181,6 +186,8 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     finally:
         if held_back:
             scheduler.waiting_queue = requeue(kept, scheduler.waiting_queue, held_back)
+        if compiling is not None:
+            scheduler.grammar_manager.grammar_queue = compiling + scheduler.grammar_manager.grammar_queue
     batch = getattr(plan, "batch_to_run", None)
     if batch is not None:
         for req in batch.reqs:
@@ -190,6 +197,23 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     admitted = list(getattr(plan.running_batch, "reqs", [])) + (list(batch.reqs) if batch is not None else [])
     table.running = _count_by_tenant(table, {id(req): req for req in admitted}.values())
     return plan
+
+
+def _take_ready_grammar_requests(scheduler) -> list | None:
+    """Move the requests whose grammars are ready into the waiting queue, as SGLang's admission does first, so that
+    the budgets apply to them too; returns the requests still compiling, taken out of the grammar queue for the
+    round (None when there were none), so SGLang's admission finds it empty. Structured-output requests (``regex``,
+    ``json_schema``, ``ebnf``) wait in that queue while their grammar compiles, and were admitted unchecked.
+
+    Still one poll a round, as without KVzap: a poll counts each waiting grammar's rounds towards its time-out and,
+    with several ranks, is a collective (``GrammarManager.get_ready_grammar_requests``)."""
+    manager = getattr(scheduler, "grammar_manager", None)
+    if manager is None or not manager.has_waiting_grammars():
+        return None
+    for req in manager.get_ready_grammar_requests():
+        scheduler._add_request_to_queue(req)
+    compiling, manager.grammar_queue = manager.grammar_queue, []
+    return compiling
 
 
 def requeue(before: list, after: list, held_back: list) -> list:
@@ -228,17 +252,20 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
         if low_high is not None and t not in waiting:
             table.relax(t)
     held_back, tightened, blocked = [], set(), set()
-    for req in scheduler.waiting_queue:
+    for req in _in_turn_order(scheduler):
         t = table.index_of_request(req)
         budget = table.budget_cells[t]
         if budget is None:
             continue
-        if t in blocked:  # first come, first served within a tenant: none overtakes its held-back request
+        # SGLang queues a request it refuses (its grammar failed, its prompt exceeds the budget) as a one-token
+        # prompt, only to send its error: that token is all it takes, and it overtakes no one.
+        refused = req.to_finish is not None or req.finished()
+        if t in blocked and not refused:  # first come, first served within a tenant: none overtakes its held request
             held_back.append(req)
             table.held_back[t] += 1
             continue
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
-        need = (len(req.origin_input_ids) + _max_new_tokens(scheduler, req)) * per_token
+        need = (len(req.origin_input_ids) + (0 if refused else _max_new_tokens(scheduler, req))) * per_token
         if committed[t] + need > budget and scheduler.tree_cache is not None:
             evict = getattr(scheduler.tree_cache, "evict_tenant", None)
             if evict is not None:
@@ -259,6 +286,17 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
             if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
                 blocked.add(t)
     return held_back
+
+
+def _in_turn_order(scheduler) -> list:
+    """The waiting queue in the order a tenant's requests take their turns: the queue's, or with priority scheduling
+    by priority first, as SGLang's admission sorts it (ties keep their places). Unsorted, a tenant's request of a
+    higher priority waited behind its held lower-priority one."""
+    queue = scheduler.waiting_queue
+    if not getattr(scheduler, "enable_priority_scheduling", False):
+        return queue
+    sign = scheduler.policy.priority_sign
+    return sorted(queue, key=lambda req: req.priority * sign)
 
 
 def cap_to_budget(original, scheduler, req, *args, **kwargs):

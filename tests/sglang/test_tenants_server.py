@@ -219,9 +219,10 @@ def held_cells_while(server: str, tenant: str, send, figure: str = "cells_held")
     return response, samples + [tenants_state(server)[tenant][figure]]
 
 
-def send_batch(server: str, tenant: str, prompts: list[list[int]], new_tokens: list[int]) -> requests.Response:
-    """One /generate batch (its prompts reach the waiting queue together, in order), nothing pruned (τ -10)."""
-    params = [{"max_new_tokens": n, "ignore_eos": True, "temperature": 0.0} for n in new_tokens]
+def send_batch(server: str, tenant: str, prompts: list[list[int]], new_tokens: list[int], **more) -> requests.Response:
+    """One /generate batch (its prompts reach the waiting queue together, in order), nothing pruned (τ -10); ``more``
+    sampling parameters for each request."""
+    params = [{"max_new_tokens": n, "ignore_eos": True, "temperature": 0.0, **more} for n in new_tokens]
     headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
     return requests.post(f"{server}/generate", json={"input_ids": prompts, "sampling_params": params},
                          headers=headers, timeout=900)  # fmt: skip
@@ -237,6 +238,23 @@ def test_a_request_prefilled_in_the_last_step_counts_against_its_tenants_budget(
     response, held = held_cells_while(server, "strict", lambda: send_batch(server, "strict", prompts, [100, 100]))
     assert response.status_code == 200, response.text
     assert [out["meta_info"]["completion_tokens"] for out in response.json()] == [100, 100]
+    assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
+    assert tenants_state(server)["strict"]["held_back_rounds"] > before, "the second request really waited"
+
+
+def test_structured_output_requests_count_against_their_tenants_budget(server):
+    """The same 20 + 100 and 20 + 100 tokens, constrained by a regex: such requests wait in SGLang's grammar queue
+    and reach the waiting queue inside SGLang's admission, after the budgets were applied, so both once ran side by
+    side (up to 240 tokens' worth on a 200-token budget)."""
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    before = tenants_state(server)["strict"]["held_back_rounds"]
+    prompts = [[1100 + i for i in range(20)], [2100 + i for i in range(20)]]
+    send = lambda: send_batch(server, "strict", prompts, [100, 100], regex="[a-z ]+")  # noqa: E731
+    response, held = held_cells_while(server, "strict", send)
+    assert response.status_code == 200, response.text
+    outs = response.json()
+    assert [out["meta_info"]["completion_tokens"] for out in outs] == [100, 100]
+    assert all(set(out["text"]) <= set("abcdefghijklmnopqrstuvwxyz ") for out in outs), "the regex was applied"
     assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
     assert tenants_state(server)["strict"]["held_back_rounds"] > before, "the second request really waited"
 
@@ -337,6 +355,28 @@ def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(
     state = tenants_state(server)
     assert state["small"]["refused_requests"] == before + 2
     assert state["small"]["queued_requests"] == 0 and state["small"]["running_requests"] == 0
+
+
+def test_refusals_answer_at_once_while_the_tenant_is_busy(server):
+    """SGLang queues a request it refuses (a prompt over the tenant's budget, a regex that does not compile) as a
+    one-token prompt, only to send its error. Counted with its new tokens, a structured-output request refused once its
+    grammar failed (budget-checked since the grammar queue is) was held, its error waiting for the running one."""
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    too_long_prompt, prompt = [4300 + i for i in range(SMALL_BUDGET_TOKENS)], [4500 + i for i in range(150)]
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        running = pool.submit(send_batch, server, "strict", [[4100 + i for i in range(20)]], [150])
+        wait_for(lambda: tenants_state(server)["strict"]["running_requests"] == 1, "strict's request running")
+        refuse = lambda: send_batch(server, "strict", [too_long_prompt], [4])  # noqa: E731
+        too_long, held = held_cells_while(server, "strict", refuse)
+        uncompiled = send_batch(server, "strict", [prompt], [40], regex="[a-z")
+        assert not running.done(), "a refusal waited for the tenant's running request"
+        assert running.result(timeout=120).status_code == 200
+    finally:
+        pool.shutdown(wait=False)
+    assert too_long.status_code == 400 and "exceeds the KV budget of tenant 'strict'" in too_long.text, too_long.text
+    assert uncompiled.status_code == 400 and "Failed to compile regex grammar" in uncompiled.text, uncompiled.text
+    assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
 
 
 def test_a_tenant_with_a_threshold_range_tightens_before_queueing_and_relaxes_after(server):
