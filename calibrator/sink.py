@@ -64,11 +64,14 @@ class SampleSink:
 
     def offer(self, summary: ScoreSummary) -> bool:
         """Queue a summary without blocking; False (and counted) when the queue is full or the sink is closed."""
-        self.counters.offered += 1
-        if self._stop.is_set():
-            self.counters.dropped_closed += 1
-            return False
+        # The stop check and the put are one step under ``_idle``, the lock close() sets ``_stop`` under: a summary
+        # is either refused here or queued before close() drains the queue, never queued after the drain (where it
+        # would be counted as offered but never as sent or dropped).
         with self._idle:
+            self.counters.offered += 1
+            if self._stop.is_set():
+                self.counters.dropped_closed += 1
+                return False
             try:
                 self._queue.put_nowait(summary)
             except queue.Full:
@@ -86,7 +89,8 @@ class SampleSink:
         """Send what is queued (bounded by ``timeout_s``) and stop the thread; what is still queued then is dropped
         and counted (a batch being sent is counted by the thread when its send ends)."""
         self.flush(timeout_s)
-        self._stop.set()
+        with self._idle:  # waits for an offer() between its stop check and its put; see offer()
+            self._stop.set()
         self._thread.join(timeout_s)
         dropped = 0
         while True:
@@ -96,9 +100,9 @@ class SampleSink:
                 break
             dropped += 1
         if dropped:
-            self.counters.dropped_closed += dropped
             log.warning("dropped %d score summaries still queued at close", dropped)
-            with self._idle:
+            with self._idle:  # offer() counts dropped_closed too
+                self.counters.dropped_closed += dropped
                 self._pending -= dropped
                 self._idle.notify_all()
 

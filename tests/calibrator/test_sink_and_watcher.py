@@ -72,6 +72,35 @@ def test_closing_counts_what_was_still_queued():
     assert counters.offered == counters.sent + dropped
 
 
+def test_close_racing_an_offer_leaves_nothing_uncounted(monkeypatch):
+    """close() running while an offer() is between its stop check and its put: the summary is sent or counted as
+    dropped, never left in the queue uncounted. The wrapper around the stop check injects that interleaving: it
+    starts close() in another thread and gives it up to 1 s to finish before offer() goes on to its put."""
+    transport, release, sent = _held_transport()
+    release.set()  # never holds: it only records what it got
+    sink = SampleSink(transport, batch_size=1, flush_interval_s=0.01)
+    offering_thread, closers = threading.get_ident(), []
+    is_set = sink._stop.is_set
+
+    def is_set_then_close():
+        stopped = is_set()
+        if threading.get_ident() == offering_thread and not closers:  # the sender thread checks it too
+            closers.append(threading.Thread(target=sink.close))
+            closers[0].start()
+            closers[0].join(timeout=1.0)  # the fixed sink holds close() off until offer() is done
+        return stopped
+
+    monkeypatch.setattr(sink._stop, "is_set", is_set_then_close)
+    sink.offer(_summary(0))
+    assert closers
+    closers[0].join(10.0)
+    assert not closers[0].is_alive()
+    counters = sink.counters
+    dropped = counters.dropped_full + counters.dropped_send_error + counters.dropped_closed
+    assert counters.offered == counters.sent + dropped == 1 and len(sent) == counters.sent
+    assert sink._queue.empty()
+
+
 def test_sink_drops_with_a_counter_when_redis_is_down(closed_port_url):
     store = SampleStore(connect(closed_port_url, timeout_s=0.2), "x:")
     sink = SampleSink(store.ingest, batch_size=4, flush_interval_s=0.01)
