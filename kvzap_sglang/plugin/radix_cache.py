@@ -234,17 +234,23 @@ class KvzapRadixCache(RadixCache):
         if self.disable or num_cells <= 0:
             return 0
         tags = self.store.tenant.tag
+        # node -> whether it or an ancestor holds the tenant's cells; filled once per node, so the leaves' walks up
+        # share their ancestors (one tag read a node, not one a node per leaf below it).
+        on_path = {self.root_node: False, None: False}
 
         def owned(node) -> bool:
             return node.value.numel() > 0 and int(tags[node.value[0]]) == tenant
 
-        def on_owned_path(leaf) -> bool:
-            node = leaf
-            while node is not None and node is not self.root_node:
-                if owned(node):
-                    return True
+        def on_owned_path(node) -> bool:
+            walk = []
+            while node not in on_path:
+                walk.append(node)
                 node = node.parent
-            return False
+            found = on_path[node]
+            for node in reversed(walk):
+                found = found or owned(node)
+                on_path[node] = found
+            return found
 
         return self._evict_until(lambda freed_cells, freed_slots: freed_cells >= num_cells, on_owned_path, owned)[0]
 

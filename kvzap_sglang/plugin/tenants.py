@@ -251,7 +251,7 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
     for t, low_high in enumerate(table.ranges):
         if low_high is not None and t not in waiting:
             table.relax(t)
-    held_back, tightened, blocked = [], set(), set()
+    held_back, tightened, blocked, evicted_all = [], set(), set(), set()
     for req in _in_turn_order(scheduler):
         t = table.index_of_request(req)
         budget = table.budget_cells[t]
@@ -266,10 +266,13 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
             continue
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
         need = (len(req.origin_input_ids) + (0 if refused else _max_new_tokens(scheduler, req))) * per_token
-        if committed[t] + need > budget and scheduler.tree_cache is not None:
-            evict = getattr(scheduler.tree_cache, "evict_tenant", None)
-            if evict is not None:
-                committed[t] -= evict(t, committed[t] + need - budget)
+        evict = getattr(scheduler.tree_cache, "evict_tenant", None)
+        if committed[t] + need > budget and evict is not None and t not in evicted_all:
+            lacking = committed[t] + need - budget
+            freed = evict(t, lacking)
+            committed[t] -= freed
+            if freed < lacking:  # nothing of the tenant's is left to evict this round: its later requests skip it
+                evicted_all.add(t)
         if committed[t] + need > budget and table.ranges[t] is not None and t not in tightened:
             tightened.add(t)  # one re-judgement per tenant and round: it scans the tenant's decided slots
             committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget)

@@ -48,13 +48,16 @@ def _key(tokens):
     return RadixKey(array("q", tokens))
 
 
-def _insert(tree, tokens: list[int]) -> torch.Tensor:
-    """A finished request's tokens go into the tree: fresh slots (all cells), the duplicates freed as SGLang does."""
+def _insert(tree, tokens: list[int], tenant: int | None = None) -> torch.Tensor:
+    """A finished request's tokens go into the tree: fresh slots (all cells), the duplicates freed as SGLang does;
+    the new ones tagged with ``tenant`` if given."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
     slots = tree.token_to_kv_pool_allocator.alloc(len(tokens))
     prefix = tree.insert(InsertParams(key=_key(tokens), value=slots)).prefix_len
     tree.token_to_kv_pool_allocator.free(slots[:prefix])
+    if tenant is not None:
+        tree.store.set_tenant(slots[prefix:], tenant)
     return slots
 
 
@@ -123,6 +126,30 @@ def test_evict_frees_cells_for_the_tokens_asked(tree):
     evicted = tree.evict(EvictParams(num_tokens=15))
     assert evicted.num_tokens_evicted >= 15
     assert tree.store.free_cells() - free_before >= 15 * PER_TOKEN
+    _idle_invariant(tree)
+
+
+def test_evicting_for_a_tenant_takes_its_leaves_and_the_unused_continuations_on_its_paths_only(tree):
+    """Tenant 1 cached a document; tenant 2 (same prefix-cache group) cached three continuations of it, branching at
+    two depths; tenants 2 and 3 cached documents of their own. Evicting for tenant 1 frees its document and the
+    continuations on top of it (it is no leaf while they stay), counts only tenant 1's cells, and leaves the rest."""
+    document = list(range(100, 110))
+    _insert(tree, document, tenant=1)
+    for branch in ([200, 201, 202, 203], [200, 201, 300, 301], [400, 401]):
+        _insert(tree, document + branch, tenant=2)
+    _insert(tree, list(range(500, 510)), tenant=2)
+    _insert(tree, list(range(600, 610)), tenant=3)
+    _idle_invariant(tree)
+    held = [int(tree.store.tenant.cells[t]) for t in range(4)]
+    assert held[1:] == [10 * PER_TOKEN, (4 + 2 + 2 + 10) * PER_TOKEN, 10 * PER_TOKEN]
+
+    assert tree.evict_tenant(1, 10**9) == 10 * PER_TOKEN
+    assert _match(tree, document).device_prefix_len == 0
+    assert [_match(tree, document + b).device_prefix_len for b in ([200], [400])] == [0, 0]
+    assert _match(tree, list(range(500, 510))).device_prefix_len == 10
+    assert _match(tree, list(range(600, 610))).device_prefix_len == 10
+    assert [int(tree.store.tenant.cells[t]) for t in (1, 2, 3)] == [0, 10 * PER_TOKEN, 10 * PER_TOKEN]
+    assert tree.evict_tenant(1, PER_TOKEN) == 0  # nothing of tenant 1's is left
     _idle_invariant(tree)
 
 
