@@ -66,6 +66,13 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
         raise KVzapConfigError("KVzap does not support --enable-torch-compile (decode graph capture)")
     if server_values.get("enable_hierarchical_cache"):
         raise KVzapConfigError("KVzap does not support --enable-hierarchical-cache (HiCache reloads give new slot ids)")
+    if server_values.get("dllm_algorithm"):
+        # Diffusion LMs are admitted by SGLang's get_new_batch_dllm, past KVzap's admission (budgets, reopening).
+        raise KVzapConfigError("KVzap does not support diffusion language models (--dllm-algorithm)")
+    if server_values.get("is_embedding"):
+        # One forward and no decode: nothing to prune for, and embedding requests skip init_req_max_new_tokens,
+        # where tenants' budgets cap a request.
+        raise KVzapConfigError("KVzap prunes the KV cache of generation; an embedding server (--is-embedding) has none")
     _refuse_unsupported_layouts(server_values)
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
     resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch

@@ -7,7 +7,8 @@ per-tenant KV budgets at admission, per-tenant figures.
   the request's ``extra_key`` (SGLang's radix-cache namespace), so a tenant's cached prefixes are not served to
   another (unless both name the same ``prefix_cache_group``: ``radix_cache.KvzapRadixCache._namespaced``) and the
   scheduler knows whose request it runs. A body that sets a tenant namespace itself is refused (403 there; 400 on SGLang's other generation routes,
-  whose requests run as ``default``: ``refuse_unvouched_tenant_keys``).
+  whose requests run as ``default``: ``refuse_unvouched_tenant_keys``). SGLang's sessions (``/open_session``,
+  ``session_params``) are refused with a 400: they are not tenant-scoped.
 * **τ and window** (scheduler) — each request row carries its tenant; the window tracker uses the tenant's window
   and the slots a forward decides are pruned at their tenant's τ (``KvzapRuntime.begin_forward``). The
   calibration service's per-tenant τ replaces a tenant's τ live (``calibration.py``).
@@ -63,6 +64,10 @@ TENANT_HEADER = "x-kvzap-tenant"
 # (refuse_unvouched_tenant_keys) covers any other route that starts to.
 TENANT_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
 TENANT_METHODS = ("POST", "PUT")  # SGLang serves /generate for both
+# SGLang's sessions are not tenant-scoped: a request naming another tenant's session id would run on that tenant's
+# history (Session.create_req builds the prompt from it), and "replace" would clear it. Not served with tenants.
+SESSION_PATHS = ("/open_session", "/close_session")
+SESSIONS_REFUSED = "SGLang sessions are not tenant-scoped, so they are not served with --kvzap-tenants"
 
 # The scheduler takes a request's tenant from its extra_key, so in the HTTP process a tenant namespace may only come
 # from TenantMiddleware: these are the extra_keys it wrote for the HTTP request being served (None outside one), and
@@ -243,10 +248,7 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
     for req in running:
         t = table.index_of_request(req)
         busy[t] = True
-        remaining = max(0, _max_new_tokens(scheduler, req) - len(req.output_ids))
-        if req is chunked:  # the prompt chunks still to come are growth too
-            remaining += max(0, len(req.origin_input_ids) - req.kv.kv_allocated_len)  # after its prefix + chunks
-        committed[t] += remaining * per_token
+        committed[t] += still_to_write(req, _max_new_tokens(scheduler, req), req is chunked) * per_token
     waiting = {table.index_of_request(req) for req in scheduler.waiting_queue}
     for t, low_high in enumerate(table.ranges):
         if low_high is not None and t not in waiting:
@@ -289,6 +291,16 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
             if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
                 blocked.add(t)
     return held_back
+
+
+def still_to_write(req, max_new_tokens: int, chunked: bool) -> int:
+    """Tokens a running request may still write: its new tokens to come and, while it is prefilled in chunks, the
+    rest of its fill (after its cached prefix and the chunks so far). A retracted or preempted request keeps its
+    output and prefills it again with its prompt; counting only the prompt, its tenant's budget lost that much."""
+    remaining = max(0, max_new_tokens - len(req.output_ids))
+    if chunked:
+        remaining += max(0, len(req.origin_input_ids) + len(req.output_ids) - req.kv.kv_allocated_len)
+    return remaining
 
 
 def _in_turn_order(scheduler) -> list:
@@ -351,6 +363,8 @@ class TenantMiddleware:
         self.config = config
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in SESSION_PATHS:
+            return await _reject(send, 400, SESSIONS_REFUSED)
         if scope["type"] != "http" or scope["method"] not in TENANT_METHODS or scope["path"] not in TENANT_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -362,6 +376,8 @@ class TenantMiddleware:
             payload = json.loads(body or b"{}")
             if not isinstance(payload, dict):
                 raise TenantAuthError(400, "the request body must be a JSON object")
+            if payload.get("session_params") is not None:
+                raise TenantAuthError(400, SESSIONS_REFUSED)
             payload["extra_key"] = _tenant_extra_key(tenant, payload.get("extra_key"))
         except TenantAuthError as error:
             return await _reject(send, error.status, error.reason)

@@ -78,6 +78,8 @@ def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kv
         (dict(kvzap_threshold=-4, enable_dp_attention=True), "enable-dp-attention"),
         (dict(kvzap_threshold=-4, disaggregation_mode="prefill"), "disaggregation-mode prefill"),
         (dict(kvzap_threshold=-4, kv_cache_dtype="fp8_e4m3"), "kv-cache-dtype fp8_e4m3"),
+        (dict(kvzap_threshold=-4, dllm_algorithm="LowConfidence"), "dllm-algorithm"),
+        (dict(kvzap_threshold=-4, is_embedding=True), "is-embedding"),
     ],
 )
 def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kvzap, smollm2_path, head0_surrogate, kwargs, message):

@@ -159,3 +159,27 @@ def test_held_back_requests_keep_their_places_in_the_waiting_queue():
     assert requeue(before, [a, e, preempted], [b, d]) == [a, b, d, e, preempted]
     assert requeue(before, [e, a], [d, b]) == [a, b, d, e]
     assert requeue(before, [], []) == []
+
+
+def test_a_retracted_request_prefilled_again_in_chunks_counts_its_output_too():
+    """A request retracted (or preempted) after 40 new tokens keeps them and prefills prompt + output again; in
+    chunks, the rest of that fill is growth its tenant's budget must hold. Counted from the prompt alone, 40 tokens
+    went missing and the tenant's next request got in over its budget."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from kvzap_sglang.plugin.tenants import still_to_write
+
+    req = Req("r", "", array("q", range(1, 21)), SamplingParams(max_new_tokens=70))
+    assert still_to_write(req, 70, chunked=False) == 70
+    req.kv.kv_allocated_len = 16  # first chunk of a fresh prompt written
+    assert still_to_write(req, 70, chunked=True) == 70 + 4
+    req.output_ids = array("q", range(100, 140))
+    req.kv.kv_allocated_len = 0
+    req.reset_for_retract()  # SGLang's own retraction: the output stays
+    assert len(req.output_ids) == 40
+    req.kv.kv_allocated_len = 16  # its first chunk prefilled again
+    assert still_to_write(req, 70, chunked=True) == 30 + (20 + 40 - 16)
+    assert still_to_write(req, 70, chunked=False) == 30

@@ -462,3 +462,16 @@ def test_refused_identities_never_reach_the_scheduler(server):
                              headers={"Authorization": f"Bearer {KEYS['acme']}", "X-KVzap-Tenant": "keep"},
                              timeout=60)  # fmt: skip
     assert response.status_code == 403 and "belongs to tenant 'acme'" in response.json()["error"]["message"]
+
+
+def test_sessions_are_refused_because_they_are_not_tenant_scoped(server):
+    """SGLang builds a session request's prompt from the session's history, whoever sends it, and ``replace``
+    clears it: with sessions open, a tenant knowing another's session id ran on its history."""
+    acme = {"Authorization": f"Bearer {KEYS['acme']}"}
+    opened = requests.post(f"{server}/open_session", json={"capacity_of_str_len": 1000}, headers=acme, timeout=60)
+    assert opened.status_code == 400 and "not tenant-scoped" in opened.text, opened.text
+    body = {"text": "hi", "session_params": {"id": "0123abcd", "rid": None}, "sampling_params": {"max_new_tokens": 2}}
+    continued = requests.post(f"{server}/generate", json=body, headers=acme, timeout=60)
+    assert continued.status_code == 400 and "not tenant-scoped" in continued.text, continued.text
+    assert requests.post(f"{server}/close_session", json={"session_id": "0123abcd"}, timeout=60).status_code == 400
+    assert generate(server, "hi", "acme").status_code == 200
