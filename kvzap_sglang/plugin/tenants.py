@@ -180,9 +180,9 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     # after this call, so reading it missed the decode growth of requests prefilled in the previous step.
     running_batch = args[0] if args else kwargs["running_batch"]
     compiling = _take_ready_grammar_requests(scheduler) if table.has_budgets else None
-    held_back = []
+    held_back, locked = [], []
     try:
-        held_back = _hold_back(scheduler, rt, table, running_batch) if table.has_budgets else []
+        held_back = _hold_back(scheduler, rt, table, running_batch, locked) if table.has_budgets else []
         kept = scheduler.waiting_queue
         if held_back:
             held = set(map(id, held_back))
@@ -193,6 +193,8 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
             scheduler.waiting_queue = requeue(kept, scheduler.waiting_queue, held_back)
         if compiling is not None:
             scheduler.grammar_manager.grammar_queue = compiling + scheduler.grammar_manager.grammar_queue
+        for node in locked:  # SGLang's admission holds its own lock on the prefixes of the requests it took
+            scheduler.tree_cache.dec_lock_ref(node)
     batch = getattr(plan, "batch_to_run", None)
     if batch is not None:
         for req in batch.reqs:
@@ -237,7 +239,9 @@ def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
     return counts
 
 
-def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
+def _hold_back(scheduler, rt, table: TenantTable, running_batch, locked: list) -> list:
+    """The waiting requests that stay queued this round for their tenants' budgets (module docstring). The cached
+    prefixes that requests were counted to reuse are locked for the round and appended to ``locked``."""
     per_token = rt.store.config.entries_per_token
     committed = list(rt.store.tenant.cells[: len(table.names)])
     running = list(getattr(running_batch, "reqs", []))
@@ -269,6 +273,8 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
         need = (len(req.origin_input_ids) + (0 if refused else _max_new_tokens(scheduler, req))) * per_token
         evict = getattr(scheduler.tree_cache, "evict_tenant", None)
+        if committed[t] + need > budget and evict is not None and not refused:
+            need -= _lock_reused_prefix(scheduler.tree_cache, req, locked) * per_token
         if committed[t] + need > budget and evict is not None and t not in evicted_all:
             lacking = committed[t] + need - budget
             freed = evict(t, lacking)
@@ -291,6 +297,22 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch) -> list:
             if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
                 blocked.add(t)
     return held_back
+
+
+def _lock_reused_prefix(tree, req, locked: list) -> int:
+    """Tokens of ``req``'s prompt its admission will take from the prefix cache (SGLang's own match, with KVzap's
+    back-off), locked for the round so that evicting for the tenant's budget keeps them. Without this a question on
+    a document the tenant had cached counted the document twice (its cells held + the whole prompt), so the
+    document was evicted to make room for itself and prefilled again."""
+    from sglang.srt.mem_cache.common import match_kv_cache
+
+    match = match_kv_cache(req, tree)
+    node = match.last_device_node
+    if req.num_matched_prefix_tokens == 0 or node is None or node is tree.root_node:
+        return 0
+    tree.inc_lock_ref(node)
+    locked.append(node)
+    return req.num_matched_prefix_tokens
 
 
 def still_to_write(req, max_new_tokens: int, chunked: bool) -> int:

@@ -259,6 +259,22 @@ def test_structured_output_requests_count_against_their_tenants_budget(server):
     assert tenants_state(server)["strict"]["held_back_rounds"] > before, "the second request really waited"
 
 
+def test_a_question_on_a_document_the_tenant_cached_reuses_it_within_the_budget(server):
+    """``strict`` (200-token budget) caches a 150-token document, then asks a 10-token question on it with 20 new
+    tokens: 180 tokens at most, so the document's cells stay and serve the question. Admission once counted the
+    document twice (its cells held + the whole 160-token prompt = 330), evicted it to make room for itself and
+    prefilled it again (0 cached tokens)."""
+    budget = SMALL_BUDGET_TOKENS * CELLS_PER_TOKEN
+    document = [7700 + i for i in range(150)]
+    assert send_batch(server, "strict", [document], [1]).status_code == 200
+    ask = lambda: send_batch(server, "strict", [document + [7900 + i for i in range(10)]], [20])  # noqa: E731
+    response, held = held_cells_while(server, "strict", ask)
+    assert response.status_code == 200, response.text
+    meta = response.json()[0]["meta_info"]
+    assert (meta["prompt_tokens"], meta["cached_tokens"], meta["completion_tokens"]) == (160, 150, 20)
+    assert max(held) <= budget, f"held {max(held) / CELLS_PER_TOKEN:.0f} tokens' worth, budget {SMALL_BUDGET_TOKENS}"
+
+
 def test_the_rest_of_a_chunked_prompt_counts_against_its_tenants_budget(server):
     """150 + 30 tokens (prefilled in chunks of 64) and 10 + 15 tokens: 205 > 200, so the short request must wait.
     Admission once counted only the chunks already written (64 + 30 + 25 = 119) and let it in alongside."""
