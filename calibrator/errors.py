@@ -70,3 +70,17 @@ class StoreOutcomeUnknownError(StoreUnavailableError):
     """Redis failed after a write was sent and before its reply arrived: the write may or may not have run."""
 
     code = "store_outcome_unknown"
+
+
+class StoreBusyError(StoreUnavailableError):
+    """Writers of the same series in other processes kept winning the race for every attempt; nothing was written,
+    Redis is up: retry after a pause."""
+
+    code = "store_busy"
+
+
+class ThresholdChangedError(CalibrationError):
+    """The threshold a calibration would replace was written (a PUT, another calibration) while it was fitting: the
+    newer value is kept."""
+
+    code = "threshold_changed"

@@ -13,27 +13,35 @@ Per series (model, task, tenant), under a configurable key prefix ``P`` and ``S 
 
 A fit reads the sums (mean curve → τ), then one column per segment (bootstrap, p10/p90). Per-request fractions
 are quantised to 1/65535 (error <= 7.7e-6, far below the bin resolution). Retention, by count: while a series
-holds more than ``max_requests`` its oldest whole segment is dropped. By age: a segment takes new requests for
-``retention_s / 8`` after it opened (then the next one opens) and its keys expire together at a fixed time, so a
-sample is kept at least ``retention_s`` and at most ``StoreLimits.max_age_ms`` (1.125 × ``retention_s``) — however
-slowly its series is written (the keys' TTL was refreshed by every append, so a series written now and then kept
-its samples for ever). A segment's expiry is fixed when it opens; when the retention shrinks, the next write brings
-every segment's expiry down to at most ``max_age_ms`` from then, and a segment takes requests only while its expiry
-keeps them between ``retention_s`` and ``max_age_ms``. The raw stream is trimmed to ``retention_s`` by entry id on
-each write and read no further back.
+holds more than ``max_requests`` its oldest whole segment is dropped; as a bound spans at least
+``MIN_SEGMENTS_PER_BOUND`` (4) segments, a series then still holds more than ``max_requests - segment_size``
+(>= 3/4 of the bound) of its newest requests, and never more than ``max_requests``. By age (``retention_s`` at most
+``MAX_RETENTION_S``, 10 years): a segment takes new requests for ``retention_s / 8`` after it opened (then the next
+one opens) and its keys expire together at a fixed time, so a sample is kept at least ``retention_s`` and at most
+``StoreLimits.max_age_ms`` (1.125 × ``retention_s``) — however slowly its series is written (the keys' TTL was
+refreshed by every append, so a series written now and then kept its samples for ever). A segment's expiry is fixed
+when it opens; when the retention shrinks, the next write brings every segment's expiry down to at most
+``max_age_ms`` from then, and a segment takes requests only while its expiry keeps them between ``retention_s`` and
+``max_age_ms``. The raw stream is trimmed to ``retention_s`` by entry id on each write and read no further back.
 Each ingest is one MULTI/EXEC guarded by WATCH: a batch is stored completely or not at all (EXEC is atomic
 when the connection drops; Redis has no rollback for commands failing inside EXEC, so key types are checked
 under WATCH first). The same EXEC writes ``P:batch:ID``, a marker of the batch (TTL ``BATCH_MARKER_TTL_S``): a
-retry finds it when an earlier attempt's EXEC ran although its reply was lost, and stores nothing again.
+retry finds it when an earlier attempt's EXEC ran although its reply was lost, and stores nothing again. Within a
+process, ingests of one series take turns (a lock per series stripe), so they never conflict under WATCH; writers in
+different processes that do retry after a jittered, exponentially growing pause (``_watch_backoff_s``), and one that
+still conflicts after ``_MAX_WATCH_RETRIES`` attempts raises ``StoreBusyError``, not an outage.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,7 +49,7 @@ import redis
 
 from calibrator.bins import NUM_EDGES
 from calibrator.curves import InMemoryCurves
-from calibrator.errors import StoreOutcomeUnknownError, StoreUnavailableError
+from calibrator.errors import StoreBusyError, StoreOutcomeUnknownError, StoreUnavailableError
 from calibrator.series import SeriesKey, decode_members, unavailable
 from calibrator.summary import ScoreSummary
 
@@ -51,10 +59,25 @@ QUANTUM = 65535  # uint16 full scale for a fraction in [0, 1]
 # How often a store without limits of its own (a server's sampler) reads the limits the service published.
 LIMITS_REFRESH_S = 30.0
 _MAX_WATCH_RETRIES = 20
+# Pause before retrying after a WATCH conflict (with another process): uniform in [0, min(CAP, BASE * 2**retry)].
+# Retried back to back, writers of one series kept colliding and ran out of attempts; the pauses of one ingest last
+# 0.72 s at most in all.
+_WATCH_BACKOFF_BASE_S = 0.001
+_WATCH_BACKOFF_CAP_S = 0.05
+# Threads of one process that race under WATCH mostly burn the GIL the winner needs (an attempt is ~10 ms of Python
+# for 641 edges): 8 threads writing one series ran out of attempts even with the pause, and took 4x as long. They
+# take turns instead, on one of this many locks per store (bounded, whatever the number of series).
+_LOCK_STRIPES = 64
 # A marker only has to outlive the retries of its own ingest (each a few round trips, bounded by the socket timeout).
 BATCH_MARKER_TTL_S = 600
 # A segment takes new requests for retention_s / AGE_SLICES: samples outlive retention_s by at most that much.
 AGE_SLICES = 8
+# Count retention drops the oldest whole segment: a bound of at least this many segments keeps a series at more than
+# max_requests - segment_size >= 3/4 of its bound (with one segment per bound it fell back to a single request).
+MIN_SEGMENTS_PER_BOUND = 4
+# Longest retention accepted (10 years): a larger one meant "keep for ever" and reached back before 1970, where the
+# raw stream's trim by entry id (a Redis time in ms) failed inside EXEC after the rest of the batch was applied.
+MAX_RETENTION_S = 10 * 365 * 24 * 3600
 
 # Removes the index members whose series has no segment list, in one atomic step: an ingest that revives a series
 # (its MULTI writes the list and SADDs the member) cannot land between the check and the SREM.
@@ -70,6 +93,11 @@ return removed
 """
 
 
+def _watch_backoff_s(retry: int) -> float:
+    """The pause before the ``retry``-th retry (from 0) of a conflicting ingest, jittered so writers spread out."""
+    return random.uniform(0, min(_WATCH_BACKOFF_CAP_S, _WATCH_BACKOFF_BASE_S * 2**retry))
+
+
 @dataclass(frozen=True)
 class StoreLimits:
     max_requests: int = 200_000  # per series; enforced by dropping whole segments
@@ -80,11 +108,14 @@ class StoreLimits:
     def __post_init__(self) -> None:
         if min(self.max_requests, self.segment_size, self.retention_s) < 1 or self.raw_max < 0:
             raise ValueError(f"store limits must be positive (raw_max >= 0), got {self}")
-        if self.segment_size > self.max_requests:
+        if self.segment_size * MIN_SEGMENTS_PER_BOUND > self.max_requests:
             raise ValueError(
-                f"segment_size {self.segment_size} is larger than max_requests {self.max_requests}: "
-                "retention drops whole segments, so a series would hold up to segment_size requests"
+                f"segment_size {self.segment_size} is more than 1/{MIN_SEGMENTS_PER_BOUND} of max_requests "
+                f"{self.max_requests}: retention drops whole segments, so a series could fall far below its bound"
             )
+        if self.retention_s > MAX_RETENTION_S:
+            raise ValueError(f"retention_s {self.retention_s} is longer than the longest accepted, {MAX_RETENTION_S} "
+                             "(10 years)")
 
     @property
     def open_for_ms(self) -> int:
@@ -247,6 +278,14 @@ class SampleStore:
         self.client = client
         self.keys = _Keys(prefix)
         self._remove_dead_series = client.register_script(_REMOVE_DEAD_SERIES)
+        self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def _turn_of(self, series: Iterable[SeriesKey]) -> ExitStack:
+        """Holds the locks of these series' stripes, taken in one order (no deadlock between batches)."""
+        held = ExitStack()
+        for stripe in sorted({hash(s) % _LOCK_STRIPES for s in series}):
+            held.enter_context(self._stripes[stripe])
+        return held
 
     def publish_limits(self) -> None:
         """Write this store's limits where the stores without their own read them. Raises StoreUnavailableError."""
@@ -285,8 +324,10 @@ class SampleStore:
         exec_unanswered = False  # an EXEC went out and neither its reply nor the marker told whether it ran
         try:
             self._refresh_limits()
-            with self.client.pipeline(transaction=True) as pipe:
-                for _ in range(_MAX_WATCH_RETRIES):
+            with self._turn_of(rows), self.client.pipeline(transaction=True) as pipe:
+                for attempt in range(_MAX_WATCH_RETRIES):
+                    if attempt:
+                        time.sleep(_watch_backoff_s(attempt - 1))
                     try:
                         pipe.watch(marker)  # an EXEC of an earlier attempt landing from now on aborts this one
                         if pipe.exists(marker):
@@ -302,7 +343,8 @@ class SampleStore:
                         continue
             if self.client.exists(marker):  # the last attempt's reply may have been the one lost
                 return stored
-            raise StoreUnavailableError("too much concurrent ingestion on the same series; nothing was written")
+            raise StoreBusyError(f"other writers of the same series conflicted with all {_MAX_WATCH_RETRIES} attempts "
+                                 "to store this batch; nothing was written, retry it later")
         except redis.RedisError as error:
             if exec_unanswered:
                 raise StoreOutcomeUnknownError(
@@ -394,7 +436,8 @@ class SampleStore:
             raw = self.keys.raw(series)
             for entry in data.raw_json:
                 pipe.xadd(raw, {"s": entry}, maxlen=limits.raw_max, approximate=True)
-            pipe.xtrim(raw, minid=now_ms - limits.retention_s * 1000, approximate=False)  # ids are Redis ms times
+            # Ids are Redis ms times; a negative MINID would fail inside EXEC, after the rest was applied.
+            pipe.xtrim(raw, minid=max(0, now_ms - limits.retention_s * 1000), approximate=False)
             pipe.pexpire(raw, limits.max_age_ms)
         pipe.sadd(self.keys.series_set(), series.encode())
 

@@ -10,7 +10,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from calibrator.errors import ThresholdNotFoundError
+from calibrator.errors import ThresholdChangedError, ThresholdNotFoundError
 from calibrator.series import SeriesKey, unavailable
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,48 @@ def parse_record(raw: bytes, field: str) -> ThresholdRecord | None:
         return None
 
 
+# Writes a record only if its entry is still what the caller read (one atomic step). KEYS[1] = the thresholds hash;
+# ARGV = the series' field, the entry as read ('' = none), the new record.
+_PUT_IF_UNCHANGED = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if (current or '') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
 class ThresholdStore:
     def __init__(self, client: redis.Redis, prefix: str = "kvzap:") -> None:
         self.client = client
         self.hash_key = f"{prefix}thresholds"
+        self._put_if_unchanged = client.register_script(_PUT_IF_UNCHANGED)
 
     def put(self, record: ThresholdRecord) -> None:
         try:
             self.client.hset(self.hash_key, record.series.encode(), record.model_dump_json())
         except redis.RedisError as error:
             raise unavailable(error) from error
+
+    def entry(self, series: SeriesKey) -> bytes:
+        """The series' entry as stored, raw (b'' when there is none): what ``put_if_unchanged`` compares."""
+        try:
+            return self.client.hget(self.hash_key, series.encode()) or b""
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+
+    def put_if_unchanged(self, record: ThresholdRecord, seen: bytes) -> None:
+        """Store ``record`` if its series' entry is still ``seen`` (from ``entry``); ThresholdChangedError, nothing
+        written, if it was set since (a calibration must not overwrite a newer PUT with a τ from older samples)."""
+        try:
+            stored = self._put_if_unchanged(keys=[self.hash_key],
+                                            args=[record.series.encode(), seen, record.model_dump_json()])
+        except redis.RedisError as error:
+            raise unavailable(error) from error
+        if not stored:
+            raise ThresholdChangedError(f"the threshold of {record.series} was set while calibrating (the newer "
+                                        "value is kept, nothing was written); calibrate again to replace it")
 
     def get(self, series: SeriesKey) -> ThresholdRecord:
         """The record stored for exactly this series; ThresholdNotFoundError if none."""

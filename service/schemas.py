@@ -75,5 +75,7 @@ ERROR_RESPONSES = {
     413: {"model": ErrorBody, "description": "body or batch over the configured limits"},
     422: {"model": ValidationErrorBody, "description": "request does not match the schema"},
     503: {"model": ErrorBody, "description": "Redis unavailable: nothing was written (store_unavailable), or a "
-                                             "write went out and its outcome is unknown (store_outcome_unknown)"},
+                                             "write went out and its outcome is unknown (store_outcome_unknown); "
+                                             "or Redis is up but writers of the same series in other processes "
+                                             "kept conflicting, nothing was written (store_busy, with Retry-After)"},
 }

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
-from calibrator.sample_store import StoreLimits
+from calibrator.sample_store import MAX_RETENTION_S, MIN_SEGMENTS_PER_BOUND, StoreLimits
 from calibrator.summary import LABEL_PATTERN, MODEL_PATTERN
 
 
@@ -35,12 +35,12 @@ class Settings(BaseSettings):
     # Bounds on what a client can make the service hold or compute.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(1000, ge=1, le=10_000)
-    max_requests_per_series: int = Field(200_000, ge=1)
+    max_requests_per_series: int = Field(200_000, ge=MIN_SEGMENTS_PER_BOUND)
     segment_size: int = Field(10_000, ge=1)
     raw_samples_per_series: int = Field(10_000, ge=0)
     retention_s: int = Field(7 * 24 * 3600, ge=1)
 
-    # Fit defaults (a request may override min_samples).
+    # Fit defaults (a request may override min_samples, asking for fewer or more).
     default_min_samples: int = Field(20, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10, le=100_000)
     tolerance: float = Field(0.01, ge=0, lt=1)
@@ -85,13 +85,26 @@ class Settings(BaseSettings):
                              "one role (admin or one tenant)")
         return self
 
+    @field_validator("retention_s")
+    @classmethod
+    def _retention_in_range(cls, value: int) -> int:
+        """StoreLimits refuses a longer one too; here the start-up stops naming the setting."""
+        if value > MAX_RETENTION_S:
+            raise ValueError(f"KVZAP_RETENTION_S ({value}) is longer than the longest accepted, {MAX_RETENTION_S} "
+                             "(10 years); set that to keep samples for as long as possible")
+        return value
+
     @model_validator(mode="after")
     def _segments_fit_the_bound(self) -> Settings:
-        """Retention drops whole segments: with larger segments a series would hold up to segment_size requests,
-        whatever the bound says (SampleStore refuses such limits too; here the start-up stops naming the settings)."""
-        if self.segment_size > self.max_requests_per_series:
-            raise ValueError(f"KVZAP_SEGMENT_SIZE ({self.segment_size}) is larger than KVZAP_MAX_REQUESTS_PER_SERIES "
-                             f"({self.max_requests_per_series}), which it could not bound; lower KVZAP_SEGMENT_SIZE")
+        """Retention drops whole segments: a bound of fewer than MIN_SEGMENTS_PER_BOUND segments would let a series
+        fall far below it (to one request with one segment per bound). SampleStore refuses such limits too; here the
+        start-up stops naming the settings."""
+        if self.segment_size * MIN_SEGMENTS_PER_BOUND > self.max_requests_per_series:
+            raise ValueError(
+                f"KVZAP_SEGMENT_SIZE ({self.segment_size}) is more than 1/{MIN_SEGMENTS_PER_BOUND} of "
+                f"KVZAP_MAX_REQUESTS_PER_SERIES ({self.max_requests_per_series}); lower KVZAP_SEGMENT_SIZE to at most "
+                f"{self.max_requests_per_series // MIN_SEGMENTS_PER_BOUND} or raise KVZAP_MAX_REQUESTS_PER_SERIES"
+            )
         return self
 
     @field_validator("known_models")

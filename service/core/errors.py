@@ -14,12 +14,18 @@ from starlette.routing import Match
 from calibrator.errors import (
     CalibrationError,
     InvalidTargetError,
+    StoreBusyError,
     StoreUnavailableError,
     TargetUnreachableError,
+    ThresholdChangedError,
     ThresholdNotFoundError,
     TooFewSamplesError,
     UnknownModelError,
 )
+
+# Seconds a client should wait before resending a batch refused as store_busy (other writers of its series won the
+# race every time): Redis is up, so a prompt retry usually succeeds.
+BUSY_RETRY_AFTER_S = 1
 
 
 class ServiceError(Exception):
@@ -48,6 +54,7 @@ STATUS_OF_LIBRARY_ERROR: dict[type[CalibrationError], int] = {
     TargetUnreachableError: 422,
     UnknownModelError: 404,
     ThresholdNotFoundError: 404,
+    ThresholdChangedError: 409,
     StoreUnavailableError: 503,
 }
 
@@ -98,7 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CalibrationError)
     async def _library(request: Request, error: CalibrationError) -> JSONResponse:
-        return JSONResponse(error_body(error.code, str(error), **_extra(error)), status_code=_status_of(error))
+        headers = {"Retry-After": str(BUSY_RETRY_AFTER_S)} if isinstance(error, StoreBusyError) else None
+        return JSONResponse(error_body(error.code, str(error), **_extra(error)), status_code=_status_of(error),
+                            headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:

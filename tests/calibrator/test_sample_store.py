@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -11,8 +13,15 @@ import redis
 from redis.client import Pipeline
 from redis.connection import AbstractConnection
 
-from calibrator import InMemoryCurves, StoreUnavailableError, fit_threshold, summarize
-from calibrator.sample_store import BATCH_MARKER_TTL_S, SampleStore, StoreLimits
+from calibrator import InMemoryCurves, StoreBusyError, StoreUnavailableError, fit_threshold, summarize
+from calibrator import sample_store
+from calibrator.sample_store import (
+    BATCH_MARKER_TTL_S,
+    MAX_RETENTION_S,
+    MIN_SEGMENTS_PER_BOUND,
+    SampleStore,
+    StoreLimits,
+)
 from calibrator.series import SeriesKey, connect
 
 
@@ -55,15 +64,15 @@ def test_series_are_separated_and_pooled_per_tenant(redis_client, prefix):
 
 
 def test_oldest_segments_are_dropped_and_raw_stream_capped(redis_client, prefix):
-    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=20, segment_size=10, raw_max=15))
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=20, segment_size=5, raw_max=15))
     for seed in range(5):
         store.ingest(_summaries(10, seed=seed))
     curves = store.curves("m", "t")
     assert curves.num_requests == 20
-    assert [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["3", "4"]
+    assert [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["6", "7", "8", "9"]
     assert not redis_client.exists(f"{prefix}seg:m:t:*:0:sum", f"{prefix}seg:m:t:*:0:col:5")
     assert redis_client.xlen(f"{prefix}raw:m:t:*") <= 15 + 100  # MAXLEN ~ trims by whole stream nodes
-    assert 0 < redis_client.pttl(f"{prefix}seg:m:t:*:4:col:7") <= StoreLimits().max_age_ms
+    assert 0 < redis_client.pttl(f"{prefix}seg:m:t:*:9:col:7") <= StoreLimits().max_age_ms
 
 
 def test_retention_expires_samples(redis_client, prefix):
@@ -94,17 +103,18 @@ def test_a_slowly_written_series_still_forgets_samples_older_than_its_retention(
 
 def test_the_count_bound_counts_requests_when_segments_close_by_age(redis_client, prefix):
     """Segments closed by age hold fewer than segment_size requests: the bound drops the oldest whole segment only
-    while the series holds more than max_requests."""
-    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=10, segment_size=5, retention_s=4))
-    for seed in range(3):  # three segments of 3 (each opened after the last stopped taking requests, 0.5 s)
+    while the series holds more than max_requests (five segments of 3 are kept though five of 4 would not be)."""
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=16, segment_size=4, retention_s=3))
+    for seed in range(5):  # five segments of 3 (each opened after the last stopped taking requests, 0.375 s)
         store.ingest(_summaries(3, seed=seed))
-        time.sleep(0.6)
-    assert store.curves("m", "t").num_requests == 9
-    store.ingest(_summaries(3, seed=3))  # a fourth segment: 12 > 10, the oldest segment goes
+        time.sleep(0.45)
+    assert store.curves("m", "t").num_requests == 15
+    store.ingest(_summaries(3, seed=5))  # a sixth segment: 18 > 16, the oldest segment goes
     curves = store.curves("m", "t")
-    assert curves.num_requests == 9 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["1", "2", "3"]
+    assert curves.num_requests == 15
+    assert [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["1", "2", "3", "4", "5"]
     meta = redis_client.hgetall(store.keys.meta(SeriesKey("m", "t")))
-    assert b"n:0" not in meta and meta[b"n:3"] == b"3"
+    assert b"n:0" not in meta and meta[b"n:5"] == b"3"
 
 
 def test_a_shorter_retention_reaches_the_samples_stored_under_the_longer_one(redis_client, prefix):
@@ -128,15 +138,15 @@ def test_a_shorter_retention_reaches_the_samples_stored_under_the_longer_one(red
 
 def test_segments_stored_before_they_recorded_their_age_are_kept_and_closed(redis_client, prefix):
     """Data written by an earlier version (no ``n:``/``expires:`` fields): still counted, takes no new requests."""
-    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=6, segment_size=5))
-    store.ingest(_summaries(3, seed=1))
+    store = SampleStore(redis_client, prefix, StoreLimits(max_requests=12, segment_size=3))
+    store.ingest(_summaries(2, seed=1))
     meta = store.keys.meta(SeriesKey("m", "t"))
     redis_client.hdel(meta, "n:0", "expires:0")  # as the earlier layout left it
-    store.ingest(_summaries(2, seed=2))
+    store.ingest(_summaries(1, seed=2))  # not into the old segment, though it has room
     curves = store.curves("m", "t")
-    assert curves.num_requests == 5 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["0", "1"]
-    store.ingest(_summaries(2, seed=3))  # 7 > 6: the old segment is the oldest and goes
-    assert store.curves("m", "t").num_requests == 4 and not redis_client.exists(f"{prefix}seg:m:t:*:0:sum")
+    assert curves.num_requests == 3 and [base.rsplit(":", 1)[1] for base, _ in curves.segments] == ["0", "1"]
+    store.ingest(_summaries(10, seed=3))  # 13 > 12: the old segment is the oldest and goes
+    assert store.curves("m", "t").num_requests == 11 and not redis_client.exists(f"{prefix}seg:m:t:*:0:sum")
 
 
 def test_redis_down_raises_a_typed_error(closed_port_url):
@@ -244,17 +254,20 @@ def test_pruning_a_dead_series_never_drops_one_revived_meanwhile(redis_client, p
     assert store.series() == [SeriesKey("m", "t")] and store.curves("m", "t").num_requests == 3
 
 
-def test_a_segment_larger_than_the_series_bound_is_refused(redis_client, prefix):
-    """Retention drops whole segments: with segment_size > max_requests a series would hold segment_size."""
-    with pytest.raises(ValueError, match="segment_size 10000 is larger than max_requests 100"):
+def test_a_segment_over_a_quarter_of_the_series_bound_is_refused(redis_client, prefix):
+    """Retention drops whole segments: with segment_size > max_requests a series would hold segment_size, and with
+    fewer than MIN_SEGMENTS_PER_BOUND segments per bound a drop would leave it far below the bound."""
+    with pytest.raises(ValueError, match="segment_size 10000 is more than 1/4 of max_requests 100"):
         SampleStore(redis_client, prefix, StoreLimits(max_requests=100))
-    SampleStore(redis_client, prefix, StoreLimits(max_requests=100, segment_size=100))
+    with pytest.raises(ValueError, match="segment_size 26 is more than 1/4 of max_requests 100"):
+        StoreLimits(max_requests=100, segment_size=26)
+    SampleStore(redis_client, prefix, StoreLimits(max_requests=100, segment_size=25))
 
 
 def test_a_store_without_limits_of_its_own_follows_the_published_ones(redis_client, prefix):
     """A KVzap server's sampler builds its store without limits: it must store under the service's retention (it
     used the defaults: a week's TTL and a raw stream, whatever the service was configured with)."""
-    service = SampleStore(redis_client, prefix, StoreLimits(max_requests=10, segment_size=5, raw_max=0, retention_s=60))
+    service = SampleStore(redis_client, prefix, StoreLimits(max_requests=8, segment_size=2, raw_max=0, retention_s=60))
     sampler = SampleStore(redis_client, prefix)
     sampler.ingest(_summaries(3, seed=1))  # nothing published yet: the defaults
     assert redis_client.ttl(sampler.keys.segs(SeriesKey("m", "t"))) > 60
@@ -265,7 +278,7 @@ def test_a_store_without_limits_of_its_own_follows_the_published_ones(redis_clie
     series = SeriesKey("m", "t")
     assert sampler.limits == service.limits
     assert 0 < redis_client.pttl(sampler.keys.segs(series)) <= service.limits.max_age_ms == 67_500
-    assert sampler.curves("m", "t").num_requests <= 10  # whole 5-request segments beyond the bound are dropped
+    assert 6 < sampler.curves("m", "t").num_requests <= 8  # whole 2-request segments beyond the bound are dropped
 
 
 def test_unreadable_published_limits_are_ignored(redis_client, prefix):
@@ -276,3 +289,126 @@ def test_unreadable_published_limits_are_ignored(redis_client, prefix):
     redis_client.hset(f"{prefix}limits", mapping={"max_requests": 4, "segment_size": 5})  # segment > bound
     sampler._limits_read_at = None
     assert sampler.ingest(_summaries(2)) == 2 and sampler.limits == StoreLimits()
+
+
+def test_limits_published_under_the_older_rules_are_ignored(redis_client, prefix, caplog):
+    """A service of an earlier version published a bound of fewer than MIN_SEGMENTS_PER_BOUND segments or a
+    retention past MAX_RETENTION_S: a sampler keeps its last good limits (with a warning) and goes on storing."""
+    sampler = SampleStore(redis_client, prefix)
+    for published in ({"max_requests": 10, "segment_size": 5}, {"retention_s": 9_999_999_999}):
+        redis_client.delete(f"{prefix}limits")
+        redis_client.hset(f"{prefix}limits", mapping=published)
+        sampler._limits_read_at = None
+        with caplog.at_level("WARNING", logger="calibrator.sample_store"):
+            assert sampler.ingest(_summaries(2)) == 2
+        assert sampler.limits == StoreLimits() and "ignoring the unreadable store limits" in caplog.text
+        caplog.clear()
+
+
+def test_a_series_over_its_bound_keeps_all_but_one_segment_of_it(redis_client, prefix):
+    """Retention drops whole segments: with one segment per bound (accepted before) a series cycled between
+    max_requests and 1 request, and a calibration right after a drop saw too few samples. The bound now spans at
+    least MIN_SEGMENTS_PER_BOUND segments, so a series past it keeps more than max_requests - segment_size."""
+    with pytest.raises(ValueError, match="segment_size 1000 is more than 1/4 of max_requests 1000"):
+        StoreLimits(max_requests=1000, segment_size=1000)
+    limits = StoreLimits(max_requests=40, segment_size=40 // MIN_SEGMENTS_PER_BOUND)
+    store = SampleStore(redis_client, prefix, limits)
+    sent = 0
+    for seed, n in enumerate([25, 15, 1, 9, 13, 7, 30, 1, 10]):
+        store.ingest(_summaries(n, seed=seed))
+        sent += n
+        held = store.curves("m", "t").num_requests
+        if sent <= limits.max_requests:
+            assert held == sent
+        else:
+            assert limits.max_requests - limits.segment_size < held <= limits.max_requests, (sent, held)
+
+
+def test_a_retention_over_ten_years_is_refused():
+    """A larger one ("keep for ever") reached back before 1970: the raw stream's trim failed inside EXEC after the
+    rest of the batch was applied (stored, yet answered store_outcome_unknown: a retry stored it twice)."""
+    assert MAX_RETENTION_S == 10 * 365 * 24 * 3600
+    StoreLimits(retention_s=MAX_RETENTION_S)
+    with pytest.raises(ValueError, match=f"retention_s 9999999999 is longer than the longest accepted, "
+                                         f"{MAX_RETENTION_S}"):
+        StoreLimits(retention_s=9_999_999_999)
+
+
+def test_the_raw_stream_trim_never_reaches_before_1970(redis_client, prefix):
+    """The trim's MINID is clamped at 0. The cap on retention_s keeps it positive, so these limits are built past
+    their validation (as an earlier version's store held them) to reach the clamp; Redis and the store are real."""
+    huge = object.__new__(StoreLimits)
+    for field in fields(StoreLimits):
+        object.__setattr__(huge, field.name, getattr(StoreLimits(), field.name))
+    object.__setattr__(huge, "retention_s", 9_999_999_999)
+    store = SampleStore(redis_client, prefix, huge)
+    assert huge.retention_s * 1000 > redis_client.time()[0] * 1000  # the unclamped MINID would be negative
+    assert store.ingest(_summaries(3)) == 3 and store.ingest(_summaries(2, seed=1)) == 2
+    assert store.curves("m", "t").num_requests == 5 and redis_client.xlen(store.keys.raw(SeriesKey("m", "t"))) == 5
+
+
+def test_writers_of_one_series_all_get_their_batches_stored(redis_client, prefix):
+    """Eight threads write small batches to one series at once (real Redis, real threads, as the service's request
+    threads do): they take turns within the process. Racing each other under WATCH, some ran out of attempts (503)."""
+    store = SampleStore(redis_client, prefix, StoreLimits(segment_size=50))
+    batch = _summaries(4)
+    failures = []
+
+    def write():
+        for _ in range(40):
+            try:
+                store.ingest(batch)
+            except StoreUnavailableError as error:
+                failures.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert store.curves("m", "t").num_requests == 8 * 40 * len(batch)
+
+
+def _conflict_on_every_attempt(monkeypatch, store, times):
+    """Failure injection: the first ``times`` attempts of ``store``'s ingests see another writer's real ingest of
+    one request into the same series land between their reads under WATCH and their EXEC (a genuine WATCH
+    conflict). Returns the pauses ``time.sleep`` was asked for, which it still takes."""
+    real_queue, real_sleep = store._queue_batch, time.sleep
+    other, injected, pauses = SampleStore(store.client, store.keys.prefix, store.limits), [], []
+
+    def queue_then_conflict(pipe, rows, marker):
+        real_queue(pipe, rows, marker)
+        if len(injected) < times:
+            injected.append(other.ingest(_summaries(1, seed=99)))
+
+    def sleep(seconds):
+        pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(store, "_queue_batch", queue_then_conflict)
+    monkeypatch.setattr(sample_store.time, "sleep", sleep)
+    return pauses
+
+
+def test_a_conflicting_ingest_retries_after_a_growing_jittered_pause(redis_client, prefix, monkeypatch):
+    store = SampleStore(redis_client, prefix)
+    pauses = _conflict_on_every_attempt(monkeypatch, store, times=8)
+    assert store.ingest(_summaries(5)) == 5
+    monkeypatch.undo()
+    assert store.curves("m", "t").num_requests == 8 + 5
+    assert len(pauses) == 8 and all(0 <= p <= min(0.05, 0.001 * 2**retry) for retry, p in enumerate(pauses))
+
+
+def test_an_ingest_that_always_conflicts_is_busy_not_unavailable(redis_client, prefix, monkeypatch):
+    """Redis is up and the batch lost every race: StoreBusyError (store_busy, 503 with Retry-After in the service),
+    nothing written, after pauses that stay under a second in all."""
+    store = SampleStore(redis_client, prefix)
+    pauses = _conflict_on_every_attempt(monkeypatch, store, times=1000)
+    with pytest.raises(StoreBusyError, match="nothing was written") as caught:
+        store.ingest(_summaries(5))
+    monkeypatch.undo()
+    assert caught.value.code == "store_busy" and isinstance(caught.value, StoreUnavailableError)
+    attempts = sample_store._MAX_WATCH_RETRIES
+    assert store.curves("m", "t").num_requests == attempts  # only the other writer's requests
+    assert len(pauses) == attempts - 1 and sum(pauses) < 0.75

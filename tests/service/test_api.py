@@ -8,10 +8,12 @@ import time
 from statistics import NormalDist
 
 import numpy as np
+import redis
 from fastapi.testclient import TestClient
 
-from calibrator import summarize
+from calibrator import sample_store, summarize
 from calibrator.sample_store import SampleStore, StoreLimits
+from service.api.routes import calibrate as calibrate_route
 from service.app import create_app
 
 ADMIN = {"X-API-Key": "test-admin-key"}
@@ -268,14 +270,57 @@ def test_malformed_json_is_a_400_with_the_reason(api):
 
 
 def test_the_service_publishes_its_retention_for_the_servers_samplers(make_settings, redis_client, prefix):
-    settings = make_settings(max_requests_per_series=300, segment_size=100, raw_samples_per_series=0, retention_s=900)
+    settings = make_settings(max_requests_per_series=400, segment_size=100, raw_samples_per_series=0, retention_s=900)
     with TestClient(create_app(settings)):
         deadline = time.monotonic() + 5
         while not redis_client.exists(f"{prefix}limits"):
             assert time.monotonic() < deadline, "the limits were not published"
             time.sleep(0.05)
     published = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{prefix}limits").items()}
-    assert published == {"max_requests": 300, "segment_size": 100, "raw_max": 0, "retention_s": 900}
+    assert published == {"max_requests": 400, "segment_size": 100, "raw_max": 0, "retention_s": 900}
     sampler = SampleStore(redis_client, prefix)  # as a KVzap server's sampler builds it
     sampler._refresh_limits()
-    assert sampler.limits == StoreLimits(max_requests=300, segment_size=100, raw_max=0, retention_s=900)
+    assert sampler.limits == StoreLimits(max_requests=400, segment_size=100, raw_max=0, retention_s=900)
+
+
+def test_a_threshold_set_while_calibrating_is_kept(api, make_summaries, monkeypatch):
+    """A PUT that lands while a calibration fits is newer than the samples the fit read: the calibration writes
+    nothing and answers 409 (it overwrote the manual τ). The patched fit injects that interleaving: it sends the
+    PUT through the same client, then returns the real fit."""
+    assert api.post("/samples", json={"samples": make_summaries(30)}, headers=ADMIN).status_code == 200
+    real_fit = calibrate_route.fit_threshold
+
+    def fit_while_a_put_lands(*args, **kwargs):
+        report = real_fit(*args, **kwargs)
+        assert api.put("/thresholds/m/t", json={"tau": -3.0}, headers=ADMIN).status_code == 200
+        return report
+
+    monkeypatch.setattr(calibrate_route, "fit_threshold", fit_while_a_put_lands)
+    response = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert response.status_code == 409, response.text
+    body = response.json()
+    assert body["error"] == "threshold_changed" and "calibrate again" in body["detail"], body
+    kept = api.get("/thresholds/m/t", headers=ADMIN).json()
+    assert (kept["tau"], kept["source"]) == (-3.0, "manual")
+    assert 'kvzap_calibrations_total{outcome="threshold_changed"} 1.0' in api.get("/metrics").text
+    monkeypatch.undo()  # calibrating again replaces the manual τ, as any calibration after a PUT does
+    again = api.post("/calibrate", json={"model": "m", "task": "t", "target_ratio": 0.5}, headers=ADMIN)
+    assert again.status_code == 200, again.text
+    assert api.get("/thresholds/m/t", headers=ADMIN).json()["source"] == "calibrated"
+
+
+def test_a_batch_that_keeps_losing_the_race_is_busy_not_an_outage(api, make_summaries, monkeypatch, redis_client,
+                                                                   prefix):
+    """Failure injection: every attempt of the service's ingest meets a WATCH conflict (as writers of the series in
+    other processes would cause; the backoff's pauses are skipped). Redis is up: the answer is 503 store_busy with
+    a Retry-After, not the store_unavailable of an outage, and nothing is written."""
+    def conflict(self, pipe, rows, marker):
+        raise redis.WatchError("watched variable changed (injected)")
+
+    monkeypatch.setattr(SampleStore, "_queue_batch", conflict)
+    monkeypatch.setattr(sample_store, "_watch_backoff_s", lambda retry: 0.0)
+    response = api.post("/samples", json={"samples": make_summaries(3)}, headers=ADMIN)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "store_busy" and response.headers["Retry-After"] == "1"
+    assert api.get("/healthz").status_code == 200
+    assert not list(redis_client.scan_iter(match=f"{prefix}seg*"))

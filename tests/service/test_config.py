@@ -55,10 +55,25 @@ def test_keys_from_the_environment_are_checked_too(monkeypatch):
     assert "shared-secret" not in str(caught.value)
 
 
-def test_a_segment_larger_than_the_series_bound_stops_the_start():
-    """Retention drops whole segments: a series would hold up to segment_size requests, whatever the bound."""
-    with pytest.raises(ValidationError, match=r"KVZAP_SEGMENT_SIZE \(10000\) is larger than "
-                                              r"KVZAP_MAX_REQUESTS_PER_SERIES \(100\)"):
+def test_a_segment_over_a_quarter_of_the_series_bound_stops_the_start():
+    """Retention drops whole segments: a series would hold up to segment_size requests, whatever the bound, and with
+    one segment per bound it fell to a single request at each drop."""
+    with pytest.raises(ValidationError, match=r"KVZAP_SEGMENT_SIZE \(10000\) is more than 1/4 of "
+                                              r"KVZAP_MAX_REQUESTS_PER_SERIES \(100\); lower KVZAP_SEGMENT_SIZE to "
+                                              r"at most 25"):
         Settings(max_requests_per_series=100)
-    limits = Settings(max_requests_per_series=100, segment_size=100, retention_s=80).store_limits()
-    assert (limits.max_requests, limits.segment_size, limits.max_age_ms) == (100, 100, 90_000)
+    with pytest.raises(ValidationError, match=r"KVZAP_SEGMENT_SIZE \(100\) is more than 1/4 of "):
+        Settings(max_requests_per_series=100, segment_size=100)
+    limits = Settings(max_requests_per_series=100, segment_size=25, retention_s=80).store_limits()
+    assert (limits.max_requests, limits.segment_size, limits.max_age_ms) == (100, 25, 90_000)
+
+
+def test_a_retention_over_ten_years_stops_the_start(monkeypatch):
+    """A huge KVZAP_RETENTION_S ("keep for ever") reached back before 1970: every POST /samples stored its batch and
+    answered 503 store_outcome_unknown (a retry stored it twice)."""
+    monkeypatch.setenv("KVZAP_RETENTION_S", "9999999999")
+    with pytest.raises(ValidationError, match=r"KVZAP_RETENTION_S \(9999999999\) is longer than the longest "
+                                              r"accepted, 315360000 \(10 years\)"):
+        load_settings()
+    monkeypatch.setenv("KVZAP_RETENTION_S", "315360000")
+    assert load_settings().store_limits().retention_s == 315_360_000

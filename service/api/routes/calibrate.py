@@ -23,6 +23,8 @@ CALIBRATE_ERRORS = {
     404: {"model": ErrorBody, "description": "unknown model"},
     422: {"model": ErrorBody, "description": "invalid request (error invalid_request, with errors), too few samples, "
                                              "or unreachable target (the detail says what is achievable)"},
+    409: {"model": ErrorBody, "description": "the threshold was set (PUT or another calibration) while this one was "
+                                             "fitting (threshold_changed): the newer value is kept; calibrate again"},
 }
 
 
@@ -47,11 +49,13 @@ def calibrate(
     metrics: Annotated[ServiceMetrics, Depends(get_metrics)],
 ) -> CalibrationResponse:
     """τ such that the mean removed fraction over the stored requests of (model, task[, tenant]) is closest to
-    ``target_ratio``; without a tenant (admin keys) every tenant's samples are pooled."""
+    ``target_ratio``; without a tenant (admin keys) every tenant's samples are pooled. Stored only if the threshold
+    is still what it was when the fit began: one set meanwhile (PUT) is kept, and the answer is a 409."""
     tenant = caller.tenant_for(body.tenant)
     series = SeriesKey(body.model, body.task, tenant)
     try:
         require_known_model(body.model, settings, samples, caller)
+        seen = thresholds.entry(series)
         report = fit_threshold(
             samples.curves(body.model, body.task, tenant),
             body.target_ratio,
@@ -67,7 +71,7 @@ def calibrate(
             target_ratio=body.target_ratio, predicted_removed_fraction=report.predicted_removed_fraction,
             n_requests=report.n_requests, updated_by="admin" if caller.is_admin else f"tenant:{caller.tenant}",
         )
-        thresholds.put(record)
+        thresholds.put_if_unchanged(record, seen)
     except CalibrationError as error:
         metrics.calibrations.labels(error.code).inc()
         raise
