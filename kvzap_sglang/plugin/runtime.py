@@ -162,9 +162,10 @@ class KvzapRuntime:
         KVzapSettings(threshold=float(tau))  # same validation as a start-up value
         self.tenants.set_base_threshold(self.tenants.index(tenant), float(tau))
 
-    def tighten_tenant(self, t: int, cells_needed: int) -> int:
+    def tighten_tenant(self, t: int, cells_needed: int, keep: torch.Tensor | None = None) -> int:
         """Tighten-before-queueing (plugin/tenants.py): raise tenant ``t``'s τ within its range until judging its
-        decided entries again frees ``cells_needed`` cells (or τ_max is reached); returns the cells freed."""
+        decided entries again frees ``cells_needed`` cells (or τ_max is reached); returns the cells freed. The slots
+        ``keep`` (prefixes waiting requests were counted to reuse) are not judged again."""
         table, store = self.tenants, self.store
         tau_max = table.ranges[t][1]
         if table.thresholds[t] >= tau_max:
@@ -175,6 +176,8 @@ class KvzapRuntime:
             # asks window entries to be intact): the window protects it again until it leaves.
             mine &= self.windows.refs == 0
         mine[0] = False  # the padding slot
+        if keep is not None:
+            mine[keep] = False
         tau, freed = retighten(store, mine.nonzero().squeeze(1), cells_needed, table.thresholds[t], tau_max)
         if tau > table.thresholds[t]:
             table.thresholds[t] = tau

@@ -180,9 +180,9 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
     # after this call, so reading it missed the decode growth of requests prefilled in the previous step.
     running_batch = args[0] if args else kwargs["running_batch"]
     compiling = _take_ready_grammar_requests(scheduler) if table.has_budgets else None
-    held_back, locked = [], []
+    held_back, reused = [], []
     try:
-        held_back = _hold_back(scheduler, rt, table, running_batch, locked) if table.has_budgets else []
+        held_back = _hold_back(scheduler, rt, table, running_batch, reused) if table.has_budgets else []
         kept = scheduler.waiting_queue
         if held_back:
             held = set(map(id, held_back))
@@ -193,8 +193,8 @@ def admit_within_budgets(original, scheduler, *args, **kwargs):
             scheduler.waiting_queue = requeue(kept, scheduler.waiting_queue, held_back)
         if compiling is not None:
             scheduler.grammar_manager.grammar_queue = compiling + scheduler.grammar_manager.grammar_queue
-        for node in locked:  # SGLang's admission holds its own lock on the prefixes of the requests it took
-            scheduler.tree_cache.dec_lock_ref(node)
+        for reuse in reused:  # SGLang's admission holds its own lock on the prefixes of the requests it took
+            scheduler.tree_cache.dec_lock_ref(reuse.node)
     batch = getattr(plan, "batch_to_run", None)
     if batch is not None:
         for req in batch.reqs:
@@ -239,9 +239,9 @@ def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
     return counts
 
 
-def _hold_back(scheduler, rt, table: TenantTable, running_batch, locked: list) -> list:
+def _hold_back(scheduler, rt, table: TenantTable, running_batch, reused: list[_Reuse]) -> list:
     """The waiting requests that stay queued this round for their tenants' budgets (module docstring). The cached
-    prefixes that requests were counted to reuse are locked for the round and appended to ``locked``."""
+    prefixes that admitted requests were counted to reuse stay locked for the round, listed in ``reused``."""
     per_token = rt.store.config.entries_per_token
     committed = list(rt.store.tenant.cells[: len(table.names)])
     running = list(getattr(running_batch, "reqs", []))
@@ -257,24 +257,30 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch, locked: list) -
     for t, low_high in enumerate(table.ranges):
         if low_high is not None and t not in waiting:
             table.relax(t)
+    tree = scheduler.tree_cache
+    evict = getattr(tree, "evict_tenant", None)  # KVzap's prefix cache (none with --disable-radix-cache)
     held_back, tightened, blocked, evicted_all = [], set(), set(), set()
     for req in _in_turn_order(scheduler):
         t = table.index_of_request(req)
         budget = table.budget_cells[t]
         if budget is None:
             continue
-        # SGLang queues a request it refuses (its grammar failed, its prompt exceeds the budget) as a one-token
-        # prompt, only to send its error: that token is all it takes, and it overtakes no one.
+        # SGLang queues a request it refuses (its grammar failed, its prompt exceeds the budget) to send its error:
+        # it prefills its fill once (one token after set_finish_with_abort) and never decodes; it overtakes no one.
         refused = req.to_finish is not None or req.finished()
         if t in blocked and not refused:  # first come, first served within a tenant: none overtakes its held request
             held_back.append(req)
             table.held_back[t] += 1
             continue
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
-        need = (len(req.origin_input_ids) + (0 if refused else _max_new_tokens(scheduler, req))) * per_token
-        evict = getattr(scheduler.tree_cache, "evict_tenant", None)
+        grows = len(req.output_ids) if refused else _max_new_tokens(scheduler, req)
+        need = (len(req.origin_input_ids) + grows) * per_token
+        reuse = None
         if committed[t] + need > budget and evict is not None and not refused:
-            need -= _lock_reused_prefix(scheduler.tree_cache, req, locked) * per_token
+            reuse = _lock_reused_prefix(tree, req)
+            if reuse is not None:
+                need -= reuse.tokens * per_token
+                reused.append(reuse)
         if committed[t] + need > budget and evict is not None and t not in evicted_all:
             lacking = committed[t] + need - budget
             freed = evict(t, lacking)
@@ -283,7 +289,11 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch, locked: list) -
                 evicted_all.add(t)
         if committed[t] + need > budget and table.ranges[t] is not None and t not in tightened:
             tightened.add(t)  # one re-judgement per tenant and round: it scans the tenant's decided slots
-            committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget)
+            # Never the prefixes counted as reused: a hole there makes the admission's match back off (KVzap's rule
+            # 1 in the request's window, rule 2 for a group tenant at a lower τ), and the tokens it leaves would be
+            # prefilled uncounted.
+            keep = torch.cat([r.slots for r in reused]) if reused else None
+            committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget, keep=keep)
         fits = committed[t] + need <= budget
         # cap_to_budget makes every request fit an empty budget; one that came in some other way (a path of a later
         # SGLang that skips init_req_max_new_tokens) runs alone rather than waiting forever.
@@ -291,28 +301,41 @@ def _hold_back(scheduler, rt, table: TenantTable, running_batch, locked: list) -
         if fits or alone:
             committed[t] += need
             busy[t] = True
-        else:
-            held_back.append(req)
-            table.held_back[t] += 1
-            if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
-                blocked.add(t)
+            continue
+        held_back.append(req)
+        table.held_back[t] += 1
+        if reuse is not None:  # waits: its prefix may go to make room for others this round
+            reused.remove(reuse)
+            tree.dec_lock_ref(reuse.node)
+        if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
+            blocked.add(t)
     return held_back
 
 
-def _lock_reused_prefix(tree, req, locked: list) -> int:
-    """Tokens of ``req``'s prompt its admission will take from the prefix cache (SGLang's own match, with KVzap's
-    back-off), locked for the round so that evicting for the tenant's budget keeps them. Without this a question on
+@dataclass(eq=False)  # identity: a list of them is searched by ``remove``
+class _Reuse:
+    """A cached prefix a waiting request was counted to reuse, locked until SGLang's admission has run."""
+
+    tokens: int
+    node: object  # the radix-tree node locked (its path to the root)
+    slots: torch.Tensor  # the slots of that path
+
+
+def _lock_reused_prefix(tree, req) -> _Reuse | None:
+    """What of ``req``'s prompt its admission will take from the prefix cache (SGLang's own match, with KVzap's
+    back-off), locked for the round so that evicting for the tenant's budget keeps it. Without this a question on
     a document the tenant had cached counted the document twice (its cells held + the whole prompt), so the
     document was evicted to make room for itself and prefilled again."""
     from sglang.srt.mem_cache.common import match_kv_cache
 
+    if req.positional_embed_overrides is not None:  # SGLang matches nothing for these (Req.init_next_round_input)
+        return None
     match = match_kv_cache(req, tree)
     node = match.last_device_node
     if req.num_matched_prefix_tokens == 0 or node is None or node is tree.root_node:
-        return 0
+        return None
     tree.inc_lock_ref(node)
-    locked.append(node)
-    return req.num_matched_prefix_tokens
+    return _Reuse(req.num_matched_prefix_tokens, node, tree.path_device_indices(node))
 
 
 def still_to_write(req, max_new_tokens: int, chunked: bool) -> int:
