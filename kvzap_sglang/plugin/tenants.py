@@ -242,74 +242,113 @@ def _count_by_tenant(table: TenantTable, reqs) -> list[int]:
 def _hold_back(scheduler, rt, table: TenantTable, running_batch, reused: list[_Reuse]) -> list:
     """The waiting requests that stay queued this round for their tenants' budgets (module docstring). The cached
     prefixes that admitted requests were counted to reuse stay locked for the round, listed in ``reused``."""
-    per_token = rt.store.config.entries_per_token
-    committed = list(rt.store.tenant.cells[: len(table.names)])
-    running = list(getattr(running_batch, "reqs", []))
-    chunked = scheduler.chunked_req
-    if chunked is not None and all(req is not chunked for req in running):
-        running.append(chunked)
-    busy = [False] * len(table.names)
-    for req in running:
-        t = table.index_of_request(req)
-        busy[t] = True
-        committed[t] += still_to_write(req, _max_new_tokens(scheduler, req), req is chunked) * per_token
     waiting = {table.index_of_request(req) for req in scheduler.waiting_queue}
     for t, low_high in enumerate(table.ranges):
         if low_high is not None and t not in waiting:
             table.relax(t)
-    tree = scheduler.tree_cache
-    evict = getattr(tree, "evict_tenant", None)  # KVzap's prefix cache (none with --disable-radix-cache)
-    held_back, tightened, blocked, evicted_all = [], set(), set(), set()
+    budgets = _BudgetRound.begin(scheduler, rt, table, running_batch, reused)
     for req in _in_turn_order(scheduler):
-        t = table.index_of_request(req)
-        budget = table.budget_cells[t]
+        budgets.judge(req)
+    return budgets.held_back
+
+
+@dataclass
+class _BudgetRound:
+    """One admission round's accounts, in cells per tenant: what each has committed (held cells + the growth its
+    running requests may still need + the requests admitted so far this round), and what was decided."""
+
+    scheduler: object
+    rt: object
+    table: TenantTable
+    committed: list[int]
+    busy: list[bool]  # has running or admitted requests: they will free room
+    reused: list[_Reuse]
+    held_back: list = field(default_factory=list)
+    tightened: set[int] = field(default_factory=set)  # one re-judgement per tenant and round (a scan of its slots)
+    blocked: set[int] = field(default_factory=set)  # a request waits for the tenant's own: later ones wait behind it
+    evicted_all: set[int] = field(default_factory=set)  # nothing of the tenant's left to evict this round
+
+    @classmethod
+    def begin(cls, scheduler, rt, table: TenantTable, running_batch, reused: list[_Reuse]) -> _BudgetRound:
+        per_token = rt.store.config.entries_per_token
+        committed = list(rt.store.tenant.cells[: len(table.names)])
+        busy = [False] * len(table.names)
+        running = list(getattr(running_batch, "reqs", []))
+        chunked = scheduler.chunked_req
+        if chunked is not None and all(req is not chunked for req in running):
+            running.append(chunked)
+        for req in running:
+            t = table.index_of_request(req)
+            busy[t] = True
+            committed[t] += still_to_write(req, _max_new_tokens(scheduler, req), req is chunked) * per_token
+        return cls(scheduler, rt, table, committed, busy, reused)
+
+    def judge(self, req) -> None:
+        """Admit ``req`` into its tenant's account or hold it back."""
+        t = self.table.index_of_request(req)
+        budget = self.table.budget_cells[t]
         if budget is None:
-            continue
+            return
         # SGLang queues a request it refuses (its grammar failed, its prompt exceeds the budget) to send its error:
         # it prefills its fill once (one token after set_finish_with_abort) and never decodes; it overtakes no one.
         refused = req.to_finish is not None or req.finished()
-        if t in blocked and not refused:  # first come, first served within a tenant: none overtakes its held request
-            held_back.append(req)
-            table.held_back[t] += 1
-            continue
+        if t in self.blocked and not refused:  # first come, first served within a tenant
+            self._hold(req, t)
+            return
         # Worst case: prompt + every new token (a retracted request's output so far is part of its max_new_tokens).
-        grows = len(req.output_ids) if refused else _max_new_tokens(scheduler, req)
-        need = (len(req.origin_input_ids) + grows) * per_token
+        grows = len(req.output_ids) if refused else _max_new_tokens(self.scheduler, req)
+        need = (len(req.origin_input_ids) + grows) * self.rt.store.config.entries_per_token
         reuse = None
-        if committed[t] + need > budget and evict is not None and not refused:
-            reuse = _lock_reused_prefix(tree, req)
-            if reuse is not None:
-                need -= reuse.tokens * per_token
-                reused.append(reuse)
-        if committed[t] + need > budget and evict is not None and t not in evicted_all:
-            lacking = committed[t] + need - budget
+        if self.committed[t] + need > budget and not refused:
+            reuse = self._reuse(req)
+            need -= 0 if reuse is None else reuse.tokens * self.rt.store.config.entries_per_token
+        if self.committed[t] + need > budget:
+            self._make_room(t, self.committed[t] + need - budget)
+        # cap_to_budget makes every request fit an empty budget; one that came in some other way (a path of a later
+        # SGLang that skips init_req_max_new_tokens) runs alone rather than waiting forever.
+        alone = not self.busy[t] and self.rt.store.tenant.cells[t] == 0 and need > budget
+        if self.committed[t] + need <= budget or alone:
+            self.committed[t] += need
+            self.busy[t] = True
+            return
+        if reuse is not None:  # waits: its prefix may go to make room for others this round
+            self.reused.remove(reuse)
+            self.scheduler.tree_cache.dec_lock_ref(reuse.node)
+        self._hold(req, t)
+
+    def _hold(self, req, t: int) -> None:
+        self.held_back.append(req)
+        self.table.held_back[t] += 1
+        if self.busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
+            self.blocked.add(t)
+
+    def _reuse(self, req) -> _Reuse | None:
+        """The cached prefix ``req`` will reuse, locked for the round (KVzap's prefix cache only)."""
+        tree = self.scheduler.tree_cache
+        if getattr(tree, "evict_tenant", None) is None:  # no radix cache (--disable-radix-cache): nothing to reuse
+            return None
+        reuse = _lock_reused_prefix(tree, req)
+        if reuse is not None:
+            self.reused.append(reuse)
+        return reuse
+
+    def _make_room(self, t: int, lacking: int) -> None:
+        """Free up to ``lacking`` cells of tenant ``t``: its evictable cached prefixes, then (with a threshold range)
+        its decided entries judged again at a higher τ."""
+        evict = getattr(self.scheduler.tree_cache, "evict_tenant", None)
+        if evict is not None and t not in self.evicted_all:
             freed = evict(t, lacking)
-            committed[t] -= freed
-            if freed < lacking:  # nothing of the tenant's is left to evict this round: its later requests skip it
-                evicted_all.add(t)
-        if committed[t] + need > budget and table.ranges[t] is not None and t not in tightened:
-            tightened.add(t)  # one re-judgement per tenant and round: it scans the tenant's decided slots
+            self.committed[t] -= freed
+            lacking -= freed
+            if lacking > 0:  # nothing of the tenant's is left to evict this round: its later requests skip it
+                self.evicted_all.add(t)
+        if lacking > 0 and self.table.ranges[t] is not None and t not in self.tightened:
+            self.tightened.add(t)
             # Never the prefixes counted as reused: a hole there makes the admission's match back off (KVzap's rule
             # 1 in the request's window, rule 2 for a group tenant at a lower τ), and the tokens it leaves would be
             # prefilled uncounted.
-            keep = torch.cat([r.slots for r in reused]) if reused else None
-            committed[t] -= rt.tighten_tenant(t, committed[t] + need - budget, keep=keep)
-        fits = committed[t] + need <= budget
-        # cap_to_budget makes every request fit an empty budget; one that came in some other way (a path of a later
-        # SGLang that skips init_req_max_new_tokens) runs alone rather than waiting forever.
-        alone = not busy[t] and rt.store.tenant.cells[t] == 0 and need > budget
-        if fits or alone:
-            committed[t] += need
-            busy[t] = True
-            continue
-        held_back.append(req)
-        table.held_back[t] += 1
-        if reuse is not None:  # waits: its prefix may go to make room for others this round
-            reused.remove(reuse)
-            tree.dec_lock_ref(reuse.node)
-        if busy[t]:  # its own requests will free room: the tenant's later requests wait their turn behind it
-            blocked.add(t)
-    return held_back
+            keep = torch.cat([r.slots for r in self.reused]) if self.reused else None
+            self.committed[t] -= self.rt.tighten_tenant(t, lacking, keep=keep)
 
 
 @dataclass(eq=False)  # identity: a list of them is searched by ``remove``

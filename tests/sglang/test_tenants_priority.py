@@ -4,6 +4,8 @@ never waits behind a held low-priority one of the same tenant."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -44,8 +46,6 @@ def solo(url: str) -> dict:
 
 
 def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
@@ -54,19 +54,30 @@ def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
 
 def test_a_tenants_higher_priority_request_that_fits_never_waits_behind_its_held_one(server):
     """20 + 150 tokens run; 100 + 90 at the same priority must wait (360 > 200); then 10 + 20 at a higher priority
-    fits beside the first (200) and runs at once. Taking turns in the queue's arrival order, it waited behind the
-    held one until the first had finished."""
-    pool = ThreadPoolExecutor(max_workers=3)
+    fits beside the first (200) and runs beside it. Taking turns in the queue's arrival order, it waited behind the
+    held one, so the tenant never ran two requests at once."""
+    pool = ThreadPoolExecutor(max_workers=4)  # first, held, the sampler and urgent at once
+    running, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            running.append(solo(server)["running_requests"])
+            time.sleep(0.02)
+
     try:  # bounded waits: a request that never gets in fails the test instead of hanging it
         first = pool.submit(send, server, 20, 1000, 150, 0)
         wait_for(lambda: solo(server)["running_requests"] == 1, "the first request running")
         held = pool.submit(send, server, 100, 2000, 90, 0)
         wait_for(lambda: solo(server)["queued_requests"] == 1, "the second request held for the budget")
+        sampler = pool.submit(sample)
         urgent = pool.submit(send, server, 10, 3000, 20, 10).result(timeout=60)
-        assert not first.done(), "the higher-priority request waited for the first one to finish"
+        stop.set()
+        sampler.result(timeout=10)
         assert urgent.status_code == 200 and urgent.json()["meta_info"]["completion_tokens"] == 20, urgent.text
         assert first.result(timeout=60).status_code == 200
         assert held.result(timeout=60).status_code == 200
     finally:
+        stop.set()
         pool.shutdown(wait=False)
+    assert max(running) == 2, f"the higher-priority request never ran beside the first: running {running}"
     assert solo(server)["running_requests"] == 0 and solo(server)["queued_requests"] == 0
