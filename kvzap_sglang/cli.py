@@ -174,6 +174,27 @@ def _surrogate_and_threshold(args: argparse.Namespace) -> tuple[Path, float]:
     return path, float(threshold)
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse exits 2 with the message otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {text!r}")
+    return value
+
+
+def _server_url(text: str) -> str:
+    """An http(s) base URL (argparse exits 2 with the message otherwise)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL such as http://127.0.0.1:30000, got {text!r}")
+    return text.rstrip("/")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     """Server-wide and per-tenant KVzap figures of a running server (its ``/server_info``)."""
     import requests
@@ -242,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(handler=_cmd_prune)
 
     status = commands.add_parser("status", help="print a running server's KVzap figures, per tenant")
-    status.add_argument("--url", default="http://127.0.0.1:30000", help="the SGLang server (default %(default)s)")
+    status.add_argument("--url", type=_server_url, default="http://127.0.0.1:30000",
+                        help="the SGLang server (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("--timeout", type=float, default=10.0)
+    status.add_argument("--timeout", type=_seconds, default=10.0, help="seconds (default %(default)s)")
     status.set_defaults(handler=_cmd_status)
     return parser
 

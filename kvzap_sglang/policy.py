@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_WINDOW = 128
+# Bounds of the settings, checked where they enter (flags, tenants file, the service's τ): a window past any context
+# length keeps everything already, and a larger one overflowed the int64 arithmetic of the window tracker at the
+# first forward; τ is compared with float32 scores, where a larger magnitude became an infinity.
+MAX_WINDOW = 2**31 - 1
+MAX_ABS_THRESHOLD = float(torch.finfo(torch.float32).max)
 
 
 def _check_window(window: int) -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvzap_sglang.policy import MAX_ABS_THRESHOLD, MAX_WINDOW
+
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TENANTS = 64  # the cell store's tenant tags (storage.cell_store.MAX_TENANTS)
@@ -59,23 +61,29 @@ class TenantAuthError(Exception):
         self.reason = reason
 
 
+def _finite_float32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= MAX_ABS_THRESHOLD
+
+
 class TenantSpec(BaseModel):
     # Strict: TOML has real numbers, booleans and strings, so `window = true` or `kv_budget_tokens = "4096"` is a
     # mistake in the file, not something to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     threshold: float | None = None
-    window: int | None = Field(None, ge=0)
+    window: int | None = Field(None, ge=0, le=MAX_WINDOW)
     kv_budget_tokens: int | None = Field(None, ge=1)
-    api_key: str | None = Field(None, min_length=8, repr=False)
+    # Printable ASCII, no spaces: the key a client sends in an HTTP header, which the middleware strips and decodes
+    # as latin-1 (a key with spaces or other characters could never match).
+    api_key: str | None = Field(None, min_length=8, pattern=r"^[\x21-\x7e]+$", repr=False)
     threshold_range: tuple[float, float] | None = None  # [τ_min, τ_max] of the tighten-before-queueing policy
     prefix_cache_group: str | None = Field(None, pattern=TENANT_PATTERN)  # tenants sharing cached prefixes
 
     @field_validator("threshold")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("threshold must be finite")
+        if value is not None and not _finite_float32(value):
+            raise ValueError("threshold must be a finite float32 number")
         return value
 
     @field_validator("threshold_range", mode="before")
@@ -88,7 +96,7 @@ class TenantSpec(BaseModel):
     def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None:
             low, high = value
-            if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            if not (_finite_float32(low) and _finite_float32(high)) or low > high:
                 raise ValueError(f"threshold_range must be two finite numbers [min, max] with min <= max, got {value}")
         return value
 
@@ -133,7 +141,11 @@ class TenantsConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> TenantsConfig:
         try:
-            return cls.model_validate(tomllib.loads(Path(path).read_text()))
+            data = tomllib.loads(Path(path).read_text())
+            if not data:
+                raise TenantsConfigError(f"tenants file {path} configures nothing: add [tenants.NAME] tables "
+                                         "(or [default])")
+            return cls.model_validate(data)
         except FileNotFoundError:
             raise TenantsConfigError(f"tenants file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:  # a directory, no permission, not UTF-8 text

@@ -143,10 +143,11 @@ def add_cli_args(original, parser: argparse.ArgumentParser):
     group = parser.add_argument_group("KVzap (kvzap-sglang plugin)")
     group.add_argument("--kvzap-threshold", type=_threshold_arg, default=None, metavar="TAU",
                        help="Enable KVzap: drop KV entries whose surrogate log-score is < TAU outside the window.")
-    group.add_argument("--kvzap-surrogate", default=DEFAULT_SURROGATE, metavar="linear|mlp|PATH",
-                       help="Surrogate: the bundled linear/mlp checkpoint for the served model, or a folder.")
-    group.add_argument("--kvzap-window", type=_window_arg, default=DEFAULT_WINDOW, metavar="N",
-                       help="Most recent tokens per request that are never pruned (default 128).")
+    group.add_argument("--kvzap-surrogate", default=None, metavar="linear|mlp|PATH",
+                       help=f"Surrogate: the bundled linear/mlp checkpoint for the served model, or a folder "
+                            f"(default {DEFAULT_SURROGATE}).")
+    group.add_argument("--kvzap-window", type=_window_arg, default=None, metavar="N",
+                       help=f"Most recent tokens per request that are never pruned (default {DEFAULT_WINDOW}).")
     group.add_argument("--kvzap-no-decode", action="store_true",
                        help="Do not score tokens generated during decode (they are kept).")
     group.add_argument("--kvzap-tenants", default=None, metavar="FILE",
@@ -154,17 +155,29 @@ def add_cli_args(original, parser: argparse.ArgumentParser):
     return result
 
 
+def refuse_flags_without_threshold(given: dict[str, Any]) -> None:
+    """KVzap's settings given without ``--kvzap-threshold`` (which switches it on) are a mistake, not something to
+    drop: a tenants file whose API keys were silently ignored served every request unchecked."""
+    names = [f"--kvzap-{key.replace('_', '-')}" for key, value in given.items() if value is not None]
+    if names:
+        raise KVzapConfigError(f"{', '.join(names)} only apply with KVzap on: add --kvzap-threshold TAU")
+
+
 def from_cli_args(original, cls, args: argparse.Namespace):
     """AROUND ``ServerArgs.from_cli_args``: validate and export the KVzap flags, apply KVzap's required values."""
     threshold = getattr(args, "kvzap_threshold", None)
     try:
         if threshold is None:  # no flag: the KVZAP_* environment (the documented config) decides
+            refuse_flags_without_threshold({"surrogate": args.kvzap_surrogate, "window": args.kvzap_window,
+                                            "no_decode": args.kvzap_no_decode or None,
+                                            "tenants": args.kvzap_tenants})  # fmt: skip
             settings = KVzapSettings.from_env()
             if settings is None:
                 return original(cls, args)
         else:
-            settings = KVzapSettings(threshold, args.kvzap_surrogate, args.kvzap_window, not args.kvzap_no_decode,
-                                     getattr(args, "kvzap_tenants", None))  # fmt: skip
+            settings = KVzapSettings(threshold, args.kvzap_surrogate or DEFAULT_SURROGATE,
+                                     DEFAULT_WINDOW if args.kvzap_window is None else args.kvzap_window,
+                                     not args.kvzap_no_decode, args.kvzap_tenants)  # fmt: skip
         overrides = prepare_launch(settings, vars(args))
     except KVzapConfigError as error:
         print(f"sglang: error: {error}", file=sys.stderr)
@@ -187,6 +200,8 @@ def make_server_args_factory(server_args_class):
     def server_args_with_kvzap(**kwargs):
         given = {key: kwargs.pop(key) for key in ENGINE_KWARGS if key in kwargs}
         if given and given.get("kvzap_threshold") is None:
+            refuse_flags_without_threshold({key.removeprefix("kvzap_"): value for key, value in given.items()
+                                            if key != "kvzap_threshold" and value not in (None, False)})  # fmt: skip
             clear_env()
             return server_args_class(**kwargs)
         if given:

@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvzap_sglang.policy import DEFAULT_WINDOW
-from kvzap_sglang.surrogate import BUNDLED_CHECKPOINTS, CONFIG_FILE, KINDS, KVzapConfig
+from kvzap_sglang.policy import DEFAULT_WINDOW, MAX_ABS_THRESHOLD, MAX_WINDOW
+from kvzap_sglang.surrogate import BUNDLED_CHECKPOINTS, CONFIG_FILE, KINDS, KVzapConfig, KVzapSurrogate
 
 ENV_THRESHOLD = "KVZAP_THRESHOLD"
 ENV_SURROGATE = "KVZAP_SURROGATE"
@@ -54,10 +54,10 @@ class KVzapSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
             raise KVzapConfigError(f"kvzap threshold must be a number, got {self.threshold!r}")
-        if not math.isfinite(self.threshold):
-            raise KVzapConfigError(f"kvzap threshold must be a finite number, got {self.threshold!r}")
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
-            raise KVzapConfigError(f"kvzap window must be an integer >= 0, got {self.window!r}")
+        if not math.isfinite(self.threshold) or abs(self.threshold) > MAX_ABS_THRESHOLD:
+            raise KVzapConfigError(f"kvzap threshold must be a finite float32 number, got {self.threshold!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or not 0 <= self.window <= MAX_WINDOW:
+            raise KVzapConfigError(f"kvzap window must be an integer in [0, {MAX_WINDOW}], got {self.window!r}")
         if self.surrogate not in KINDS and not Path(self.surrogate).is_dir():
             raise KVzapConfigError(
                 f"kvzap surrogate must be one of {'|'.join(KINDS)} or an existing checkpoint folder, "
@@ -130,8 +130,8 @@ def parse_threshold(text: str) -> float:
         value = float(text)
     except (TypeError, ValueError):
         raise KVzapConfigError(f"kvzap threshold must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise KVzapConfigError(f"kvzap threshold must be a finite number, got {text!r}")
+    if not math.isfinite(value) or abs(value) > MAX_ABS_THRESHOLD:
+        raise KVzapConfigError(f"kvzap threshold must be a finite float32 number, got {text!r}")
     return value
 
 
@@ -140,8 +140,8 @@ def parse_window(text: str | int) -> int:
         value = int(text)
     except (TypeError, ValueError):
         raise KVzapConfigError(f"kvzap window must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise KVzapConfigError(f"kvzap window must be an integer >= 0, got {value}")
+    if not 0 <= value <= MAX_WINDOW:
+        raise KVzapConfigError(f"kvzap window must be an integer in [0, {MAX_WINDOW}], got {value}")
     return value
 
 
@@ -207,6 +207,10 @@ def resolve_surrogate(spec: str, dims: ModelDims | None) -> Path:
             f"({found.num_layers}, {found.hidden_size}, {found.num_kv_heads}) but the model has "
             f"({dims.num_layers}, {dims.hidden_size}, {dims.num_kv_heads})"
         )
+    try:  # the weights too (a small file): missing or corrupt, they failed only after the model had loaded
+        KVzapSurrogate.from_pretrained(folder)
+    except (ValueError, OSError) as error:
+        raise KVzapConfigError(f"kvzap surrogate {spec!r}: {error}") from None
     return folder
 
 
@@ -250,7 +254,8 @@ class CalibrationSettings:
         import re
         from urllib.parse import urlsplit
 
-        from calibrator.summary import LABEL_PATTERN, MODEL_PATTERN  # lazy: only when calibration is configured
+        from calibrator.series import connect  # lazy: only when calibration is configured
+        from calibrator.summary import LABEL_PATTERN, MODEL_PATTERN
 
         parts = urlsplit(self.redis_url) if isinstance(self.redis_url, str) else None
         if parts is None or parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
@@ -267,6 +272,11 @@ class CalibrationSettings:
         database = parts.path.strip("/")
         if parts.scheme != "unix" and database and not database.isdigit():
             raise KVzapConfigError(f"kvzap redis url {self.redis_url!r}: the database must be a number, got {database!r}")
+        try:  # redis-py's own parse of the query options (?db=, ?socket_timeout=...): a connection object, unopened
+            pool = connect(self.redis_url).connection_pool
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError) as error:
+            raise KVzapConfigError(f"kvzap redis url {self.redis_url!r}: {error}") from None
         if not isinstance(self.redis_prefix, str) or not 1 <= len(self.redis_prefix) <= 64:
             raise KVzapConfigError(f"kvzap redis prefix must be 1-64 characters, got {self.redis_prefix!r}")
         rate = self.sample_rate

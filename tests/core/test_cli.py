@@ -196,6 +196,17 @@ def test_prune_on_the_real_smollm2_with_the_bundled_surrogate(smollm2_path, caps
     assert "30 layers × 3 KV heads" in out
 
 
+@pytest.mark.parametrize("flags, message", [(["--timeout", "inf"], "--timeout: must be in (0, 3600]"),
+                                           (["--timeout", "-1"], "--timeout: must be in (0, 3600]"),
+                                           (["--url", "notaurl"], "--url: must be an http(s) URL"),
+                                           (["--url", "ftp://x"], "--url: must be an http(s) URL")])  # fmt: skip
+def test_status_with_a_bad_timeout_or_url_exits_2_with_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
 def test_status_of_an_unreachable_server_exits_1_with_the_reason(capsys):
     from kvzap_sglang.plugin.server_process import free_port
 

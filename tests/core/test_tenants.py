@@ -49,6 +49,14 @@ def test_the_example_file_loads_with_default_first():
         ('[tenants.acme]\nkv_budget_tokens = "4096"\n', "valid integer"),
         ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [-4.0, true]\n", "valid number"),
         ("[tenants.acme]\napi_key = 12345678\n", "valid string"),
+        # Values that passed and then failed at the first forward or could never match (review, 2026-12-06).
+        ("[tenants.acme]\nwindow = 100000000000000000000\n", "window"),
+        ("[tenants.acme]\nthreshold = 1e39\n", "finite float32"),
+        ("[tenants.acme]\nkv_budget_tokens = 9\nthreshold_range = [-1e39, 0.0]\n", "finite"),
+        ('[tenants.acme]\napi_key = "acme key with spaces"\n', "should match pattern"),
+        ('[tenants.acme]\napi_key = "clé-secrète-ü"\n', "should match pattern"),
+        ("# only a comment\n", "configures nothing"),
+        ("", "configures nothing"),
     ],
 )
 def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):

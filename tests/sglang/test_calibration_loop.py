@@ -56,6 +56,8 @@ def kvzap_env_restored():
         (dict(redis_url="redis://h:notaport/0"), "could not be cast to integer"),
         (dict(redis_url="redis://h:99999/0"), "out of range"),
         (dict(redis_url="redis://h:6379/zero"), "database must be a number"),
+        (dict(redis_url="redis://h:6379/0?db=abc"), "Invalid value for 'db'"),
+        (dict(redis_url="redis://h:6379/0?foo=bar"), "unexpected keyword argument 'foo'"),
         (dict(redis_url="redis://h", sample_rate=1.5), "sample rate"),
         (dict(redis_url="redis://h", sample_rate=-0.1), "sample rate"),
         (dict(redis_url="redis://h", tau_poll_s=0), "poll"),

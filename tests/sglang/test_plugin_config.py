@@ -67,7 +67,7 @@ def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kv
     [
         (dict(kvzap_threshold="abc"), "threshold must be a number"),
         (dict(kvzap_threshold=float("nan")), "finite"),
-        (dict(kvzap_threshold=-4, kvzap_window=-1), "window must be an integer >= 0"),
+        (dict(kvzap_threshold=-4, kvzap_window=-1), "window must be an integer in"),
         (dict(kvzap_threshold=-4, kvzap_surrogate="quadratic"), "linear|mlp"),
         (dict(kvzap_threshold=-4, kvzap_surrogate="linear", page_size=16), "page-size 1"),
         (dict(kvzap_threshold=-4, attention_backend="flashinfer"), "torch_native"),
@@ -87,6 +87,25 @@ def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kv
     with pytest.raises(KVzapConfigError, match=message):
         server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", **kwargs)
     assert KVzapSettings.from_env() is None  # nothing exported for a child to pick up
+
+
+def test_kvzap_keywords_without_a_threshold_are_refused(server_args_with_kvzap, smollm2_path):
+    with pytest.raises(KVzapConfigError, match="--kvzap-tenants only apply with KVzap on"):
+        server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_tenants="configs/tenants.example.toml")
+    args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=None)
+    assert KVzapSettings.from_env() is None and args.radix_cache_backend is None  # explicitly off: stock
+
+
+def test_a_surrogate_folder_whose_weights_are_missing_or_corrupt_is_refused(server_args_with_kvzap, smollm2_path,
+                                                                           head0_surrogate, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((head0_surrogate / "config.json").read_text())
+    with pytest.raises(KVzapConfigError, match="model.safetensors does not exist"):
+        server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4, kvzap_surrogate=str(broken))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(KVzapConfigError, match="not a readable safetensors file"):
+        server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4, kvzap_surrogate=str(broken))
 
 
 def test_surrogate_of_another_model_is_rejected_with_both_shapes(server_args_with_kvzap, smollm2_path, tmp_path,
@@ -128,9 +147,14 @@ def _parse(*flags: str, model_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--kvzap-threshold", "-4", "--kvzap-window", "-1"], "window must be an integer >= 0"),
+        (["--kvzap-threshold", "-4", "--kvzap-window", "-1"], "window must be an integer in [0, 2147483647]"),
+        (["--kvzap-threshold", "-4", "--kvzap-window", "100000000000000000000"], "window must be an integer in"),
         (["--kvzap-threshold", "inf"], "finite"),
+        (["--kvzap-threshold", "1e308"], "finite float32"),
         (["--kvzap-threshold", "-4", "--kvzap-surrogate", "quadratic"], "linear|mlp"),
+        # Without --kvzap-threshold, KVzap's other flags were dropped: the tenants' API keys went unchecked.
+        (["--kvzap-tenants", "configs/tenants.example.toml"], "--kvzap-tenants only apply with KVzap on"),
+        (["--kvzap-window", "5", "--kvzap-no-decode"], "--kvzap-window, --kvzap-no-decode only apply with KVzap on"),
     ],
 )
 def test_cli_parse_rejects_bad_flags_with_exit_2(server_args_with_kvzap, smollm2_path, capsys, flags, message):
