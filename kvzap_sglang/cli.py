@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         model=args.model,
         kind=args.kind,
-        out=Path(args.out),
+        out=Path(args.out.strip()),
         num_prompts=args.num_prompts,
         held_out_prompts=args.held_out_prompts,
         positions=args.positions,
@@ -64,6 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _check_out_folder(out: Path) -> None:
     """Refuse an ``--out`` that save_pretrained could not create or write into (it runs only after training)."""
+    if not str(out).strip() or out == Path("."):  # Path("") is ".": the checkpoint would land among other files
+        raise UsageError("--out must name the checkpoint's folder (not empty, not the current directory)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     existing = next(folder for folder in (out, *out.parents) if folder.exists())
@@ -71,13 +73,26 @@ def _check_out_folder(out: Path) -> None:
         raise UsageError(f"--out {out} cannot be created: {existing} is not a writable folder")
 
 
+def _read_prompt_file(path: Path) -> str:
+    """The user message in ``--prompt-file``: UTF-8 text that is not blank (refused before the model loads)."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UsageError(f"prompt file {path} {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"prompt file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise UsageError(f"prompt file {path} is empty")
+    return text
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     if args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
     if args.tokens < 64:
         raise UsageError(f"--tokens must be >= 64, got {args.tokens}")
-    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
-        raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
+    user_text = None if args.prompt_file is None else _read_prompt_file(Path(args.prompt_file))  # before the model
     surrogate_path, threshold = _surrogate_and_threshold(args)
 
     import torch
@@ -103,11 +118,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError(f"--tokens must be <= {context} (the context length of {args.model}), got {args.tokens}")
     started = time.perf_counter()
     ref = load_reference_model(str(model_path), dtype=getattr(torch, args.dtype))
-    if args.prompt_file is not None:
-        text = Path(args.prompt_file).read_text()
-        if not text.strip():
-            raise UsageError(f"prompt file {args.prompt_file} is empty")
-        prompt = Prompt(task="file", text=text, num_tokens=0, seed=0)
+    if user_text is not None:
+        prompt = Prompt(task="file", text=user_text, num_tokens=0, seed=0)
         source = str(args.prompt_file)
     else:
         prompt = make_prompt(args.task, ref.tokenizer, args.tokens, args.seed)

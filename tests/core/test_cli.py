@@ -138,6 +138,19 @@ def test_prune_with_a_malformed_checkpoint_exits_2_naming_the_file(tiny_folders,
     assert code == 2 and f"{folder}/{message}" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("content, message", [(b"  \n", "is empty"), (b"\xff\xfe not utf-8", "is not UTF-8 text"),
+                                              (None, "is a folder, not a file")])  # fmt: skip
+def test_a_bad_prompt_file_is_refused_before_the_model_loads(tmp_path, capsys, content, message):
+    """The model named does not exist: the prompt file's error must come first (it came after loading the model)."""
+    path = tmp_path / "prompt.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    code, _, err = run(capsys, "prune", "--model", str(tmp_path / "no-model"), "--prompt-file", str(path))
+    assert code == 2 and f"prompt file {path} {message}" in err, err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -147,6 +160,8 @@ def test_prune_with_a_malformed_checkpoint_exits_2_naming_the_file(tiny_folders,
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--out", "{file}"], "exists and is not a folder"),
         (["--out", "{file}/sub"], "cannot be created"),
+        (["--out", ""], "--out must name the checkpoint's folder"),
+        (["--out", "."], "--out must name the checkpoint's folder"),
     ],
 )
 def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
