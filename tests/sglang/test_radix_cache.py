@@ -272,19 +272,26 @@ def test_random_pressure_never_admits_more_than_fits(tree):
     _idle_invariant(tree)
 
 
-def test_tightening_leaves_a_reused_prefix_inside_a_live_window_alone(tree):
-    """A slot decided (kept) by one request comes back into the window of a later request that reuses the prefix:
-    tighten-before-queueing judges decided entries again, but never those a live window protects."""
+def _tightenable_tenant(tree):
+    """The runtime with one tenant at τ 0 that may tighten up to τ 2, and 10 fresh slots scoring 1 (kept at τ 0,
+    freed by a tightening to τ 2)."""
     from kvzap_sglang.plugin import runtime
     from kvzap_sglang.plugin.tenants import TenantTable
 
-    rt, store = runtime.current(), tree.store
+    rt = runtime.current()
     rt.tenants = TenantTable(names=["default"], thresholds=[0.0], windows=[WINDOW], budget_cells=[None],
                              row_tenant=torch.zeros(8, dtype=torch.int64), base_thresholds=[0.0],
                              ranges=[(0.0, 2.0)], entries_reserved=[0], entries_pruned=[0], queued=[0], running=[0],
                              held_back=[0], refused=[0], tightenings=[0], entries_pruned_tightening=[0])  # fmt: skip
     slots = tree.token_to_kv_pool_allocator.alloc(10)
-    store.slot_scores[slots] = 1.0  # above τ 0: kept when decided, freed by a tightening to τ 2
+    tree.store.slot_scores[slots] = 1.0
+    return rt, tree.store, slots
+
+
+def test_tightening_leaves_a_reused_prefix_inside_a_live_window_alone(tree):
+    """A slot decided (kept) by one request comes back into the window of a later request that reuses the prefix:
+    tighten-before-queueing judges decided entries again, but never those a live window protects."""
+    rt, store, slots = _tightenable_tenant(tree)
     # Request A (row 0), 10 tokens: positions 0..5 leave its window and are decided at τ 0 (all kept).
     store.slot_decided[rt.windows.advance(torch.tensor([0]), slots[None], torch.tensor([10]))] = 0.0
     rt.windows.release(0, slots)
@@ -305,16 +312,7 @@ def test_tightening_leaves_the_prefixes_counted_as_reused_alone(tree):
     """Admission counts a waiting request's cached prefix as reused (not new cells) and then may tighten its tenant:
     judging that prefix again would punch holes its match backs off at, and the tokens after them would be
     prefilled uncounted. The slots passed as ``keep`` are not judged again."""
-    from kvzap_sglang.plugin import runtime
-    from kvzap_sglang.plugin.tenants import TenantTable
-
-    rt, store = runtime.current(), tree.store
-    rt.tenants = TenantTable(names=["default"], thresholds=[0.0], windows=[WINDOW], budget_cells=[None],
-                             row_tenant=torch.zeros(8, dtype=torch.int64), base_thresholds=[0.0],
-                             ranges=[(0.0, 2.0)], entries_reserved=[0], entries_pruned=[0], queued=[0], running=[0],
-                             held_back=[0], refused=[0], tightenings=[0], entries_pruned_tightening=[0])  # fmt: skip
-    slots = tree.token_to_kv_pool_allocator.alloc(10)
-    store.slot_scores[slots] = 1.0  # above τ 0: kept when decided, freed by a tightening to τ 2
+    rt, store, slots = _tightenable_tenant(tree)
     store.slot_decided[rt.windows.advance(torch.tensor([0]), slots[None], torch.tensor([10]))] = 0.0
     rt.windows.release(0, slots)  # positions 0..5 decided (kept), the request gone: nothing protects them
     freed = rt.tighten_tenant(0, 10_000, keep=slots[:4])
