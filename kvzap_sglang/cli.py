@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _check_out_folder(out: Path) -> None:
     """Refuse an ``--out`` that save_pretrained could not create or write into (it runs only after training)."""
-    if not str(out).strip() or out == Path("."):  # Path("") is ".": the checkpoint would land among other files
+    if out == Path("."):  # also --out "" (Path("") is "."): the checkpoint would land among other files
         raise UsageError("--out must name the checkpoint's folder (not empty, not the current directory)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")

@@ -18,6 +18,7 @@ denominator includes the protected window.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,11 @@ DEFAULT_WINDOW = 128
 # first forward; τ is compared with float32 scores, where a larger magnitude became an infinity.
 MAX_WINDOW = 2**31 - 1
 MAX_ABS_THRESHOLD = float(torch.finfo(torch.float32).max)
+
+
+def is_usable_threshold(tau: float) -> bool:
+    """Finite and within float32's range (the dtype scores are compared in)."""
+    return math.isfinite(tau) and abs(tau) <= MAX_ABS_THRESHOLD
 
 
 def _check_window(window: int) -> None:

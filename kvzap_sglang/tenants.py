@@ -30,14 +30,13 @@ tenant, or naming an unknown tenant without keys configured, runs as ``default``
 from __future__ import annotations
 
 import hmac
-import math
 import re
 import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kvzap_sglang.policy import MAX_ABS_THRESHOLD, MAX_WINDOW
+from kvzap_sglang.policy import MAX_WINDOW, is_usable_threshold
 
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -61,10 +60,6 @@ class TenantAuthError(Exception):
         self.reason = reason
 
 
-def _finite_float32(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= MAX_ABS_THRESHOLD
-
-
 class TenantSpec(BaseModel):
     # Strict: TOML has real numbers, booleans and strings, so `window = true` or `kv_budget_tokens = "4096"` is a
     # mistake in the file, not something to coerce.
@@ -82,7 +77,7 @@ class TenantSpec(BaseModel):
     @field_validator("threshold")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not _finite_float32(value):
+        if value is not None and not is_usable_threshold(value):
             raise ValueError("threshold must be a finite float32 number")
         return value
 
@@ -96,7 +91,7 @@ class TenantSpec(BaseModel):
     def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None:
             low, high = value
-            if not (_finite_float32(low) and _finite_float32(high)) or low > high:
+            if not (is_usable_threshold(low) and is_usable_threshold(high)) or low > high:
                 raise ValueError(f"threshold_range must be two finite numbers [min, max] with min <= max, got {value}")
         return value
 

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvzap_sglang.policy import DEFAULT_WINDOW, MAX_ABS_THRESHOLD, MAX_WINDOW
+from kvzap_sglang.policy import DEFAULT_WINDOW, MAX_WINDOW, is_usable_threshold
 from kvzap_sglang.surrogate import BUNDLED_CHECKPOINTS, CONFIG_FILE, KINDS, KVzapConfig, KVzapSurrogate
 
 ENV_THRESHOLD = "KVZAP_THRESHOLD"
@@ -54,7 +54,7 @@ class KVzapSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
             raise KVzapConfigError(f"kvzap threshold must be a number, got {self.threshold!r}")
-        if not math.isfinite(self.threshold) or abs(self.threshold) > MAX_ABS_THRESHOLD:
+        if not is_usable_threshold(self.threshold):
             raise KVzapConfigError(f"kvzap threshold must be a finite float32 number, got {self.threshold!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or not 0 <= self.window <= MAX_WINDOW:
             raise KVzapConfigError(f"kvzap window must be an integer in [0, {MAX_WINDOW}], got {self.window!r}")
@@ -130,7 +130,7 @@ def parse_threshold(text: str) -> float:
         value = float(text)
     except (TypeError, ValueError):
         raise KVzapConfigError(f"kvzap threshold must be a number, got {text!r}") from None
-    if not math.isfinite(value) or abs(value) > MAX_ABS_THRESHOLD:
+    if not is_usable_threshold(value):
         raise KVzapConfigError(f"kvzap threshold must be a finite float32 number, got {text!r}")
     return value
 

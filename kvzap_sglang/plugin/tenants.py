@@ -263,6 +263,7 @@ class _BudgetRound:
     committed: list[int]
     busy: list[bool]  # has running or admitted requests: they will free room
     reused: list[_Reuse]
+    evict: object  # KvzapRadixCache.evict_tenant; None without KVzap's prefix cache (--disable-radix-cache)
     held_back: list = field(default_factory=list)
     tightened: set[int] = field(default_factory=set)  # one re-judgement per tenant and round (a scan of its slots)
     blocked: set[int] = field(default_factory=set)  # a request waits for the tenant's own: later ones wait behind it
@@ -281,7 +282,7 @@ class _BudgetRound:
             t = table.index_of_request(req)
             busy[t] = True
             committed[t] += still_to_write(req, _max_new_tokens(scheduler, req), req is chunked) * per_token
-        return cls(scheduler, rt, table, committed, busy, reused)
+        return cls(scheduler, rt, table, committed, busy, reused, getattr(scheduler.tree_cache, "evict_tenant", None))
 
     def judge(self, req) -> None:
         """Admit ``req`` into its tenant's account or hold it back."""
@@ -324,10 +325,9 @@ class _BudgetRound:
 
     def _reuse(self, req) -> _Reuse | None:
         """The cached prefix ``req`` will reuse, locked for the round (KVzap's prefix cache only)."""
-        tree = self.scheduler.tree_cache
-        if getattr(tree, "evict_tenant", None) is None:  # no radix cache (--disable-radix-cache): nothing to reuse
+        if self.evict is None:  # no prefix cache: nothing to reuse
             return None
-        reuse = _lock_reused_prefix(tree, req)
+        reuse = _lock_reused_prefix(self.scheduler.tree_cache, req)
         if reuse is not None:
             self.reused.append(reuse)
         return reuse
@@ -335,9 +335,8 @@ class _BudgetRound:
     def _make_room(self, t: int, lacking: int) -> None:
         """Free up to ``lacking`` cells of tenant ``t``: its evictable cached prefixes, then (with a threshold range)
         its decided entries judged again at a higher τ."""
-        evict = getattr(self.scheduler.tree_cache, "evict_tenant", None)
-        if evict is not None and t not in self.evicted_all:
-            freed = evict(t, lacking)
+        if self.evict is not None and t not in self.evicted_all:
+            freed = self.evict(t, lacking)
             self.committed[t] -= freed
             lacking -= freed
             if lacking > 0:  # nothing of the tenant's is left to evict this round: its later requests skip it
