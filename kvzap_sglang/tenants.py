@@ -145,8 +145,10 @@ class TenantsConfig(BaseModel):
             raise TenantsConfigError(f"tenants file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:  # a directory, no permission, not UTF-8 text
             raise TenantsConfigError(f"tenants file {path} cannot be read as TOML text: {error}") from None
-        except (tomllib.TOMLDecodeError, ValidationError) as error:
+        except tomllib.TOMLDecodeError as error:
             raise TenantsConfigError(f"tenants file {path}: {error}") from None
+        except ValidationError as error:
+            raise TenantsConfigError(f"tenants file {path}: {describe_errors(error)}") from None
 
     def specs(self) -> dict[str, TenantSpec]:
         """Every tenant by name, ``default`` first (its index is 0)."""
@@ -181,6 +183,25 @@ class TenantsConfig(BaseModel):
         if claimed and claimed not in specs:
             return DEFAULT_TENANT
         return claimed or DEFAULT_TENANT
+
+
+def describe_errors(error: ValidationError) -> str:
+    """Pydantic's errors on one line, each as ``where: what (got value)``: a start-up error is read in a log, where
+    pydantic's own text spans several lines per error. Secrets never appear: an ``api_key``'s value, and any table
+    (which may hold one), are left out."""
+    parts = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "file"
+        what = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = isinstance(value, (bool, int, float, str)) and "api_key" not in item["loc"]
+        parts.append(f"{where}: {what}" + (f" (got {_short_repr(value)})" if shown else ""))
+    return "; ".join(parts)
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def clamp_to_range(tau: float, threshold_range: tuple[float, float] | None) -> float:

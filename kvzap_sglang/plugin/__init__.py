@@ -29,7 +29,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from kvzap_sglang.plugin import launch
-    from kvzap_sglang.plugin.settings import KVzapSettings
+    from kvzap_sglang.plugin.settings import KVzapSettings, read_at_plugin_load
 
     if "kvzap_torch" not in ATTENTION_BACKEND_CHOICES:
         ATTENTION_BACKEND_CHOICES.append("kvzap_torch")  # add_attention_backend_choices; once per process
@@ -44,7 +44,7 @@ def register() -> None:
             launch.make_server_args_factory(engine_module.Engine.server_args_class)
         )
 
-    settings = KVzapSettings.from_env()
+    settings = read_at_plugin_load(KVzapSettings.from_env)
     if settings is not None:
         try:
             _register_serving_hooks(HookRegistry, HookType)

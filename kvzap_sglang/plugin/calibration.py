@@ -45,6 +45,7 @@ from kvzap_sglang.plugin.settings import (
     KVzapConfigError,
     KVzapSettings,
     clear_calibration_env,
+    read_at_plugin_load,
 )
 
 if TYPE_CHECKING:
@@ -378,7 +379,7 @@ def register(HookRegistry, HookType) -> None:
         engine_module.Engine.server_args_class = staticmethod(
             wrap_server_args_factory(engine_module.Engine.server_args_class)
         )
-    if KVzapSettings.from_env() is None or CalibrationSettings.from_env() is None:
+    if read_at_plugin_load(KVzapSettings.from_env) is None or read_at_plugin_load(CalibrationSettings.from_env) is None:
         return
     register_serving_hooks(HookRegistry, HookType)
 

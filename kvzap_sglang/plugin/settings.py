@@ -105,6 +105,22 @@ class KVzapSettings:
         )
 
 
+def read_at_plugin_load(from_env):
+    """``from_env()`` as the plugin's ``register`` reads it, or ``None`` in the launching process when a ``KVZAP_*``
+    variable is malformed: the launcher refuses it with the reason (``sglang: error: ...``, exit 2) as soon as it
+    parses its flags (``launch``); raised here as well, it first logged SGLang's "Failed to execute general plugin"
+    traceback. A spawned process (scheduler, detokenizer) gets only values its launcher checked, so there an error
+    is raised."""
+    import multiprocessing
+
+    try:
+        return from_env()
+    except KVzapConfigError:
+        if multiprocessing.parent_process() is not None:
+            raise
+        return None
+
+
 def kvzap_enabled(environ: dict[str, str] | None = None) -> bool:
     """Whether the launcher exported KVzap settings (``KVZAP_THRESHOLD`` set): one lookup, nothing parsed."""
     env = os.environ if environ is None else environ

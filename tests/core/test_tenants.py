@@ -66,6 +66,21 @@ def test_malformed_files_are_refused_with_the_reason(tmp_path, text, message):
         TenantsConfig.load(path)
 
 
+def test_errors_are_one_line_naming_each_key_and_never_show_an_api_key(tmp_path):
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.acme]\napi_key = "secret key 42"\nwindow = -1\n'
+                    '[tenants.b]\napi_key = "other-secret-1"\nkv_budget_tokens = 9\nthreshold = 5.0\n'
+                    "threshold_range = [-4.0, -2.0]\n")
+    with pytest.raises(TenantsConfigError) as error:
+        TenantsConfig.load(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "tenants.acme.window: Input should be greater than or equal to 0 (got -1)" in message
+    assert "tenants.acme.api_key: String should match pattern" in message
+    assert "tenants.b: threshold 5.0 lies outside threshold_range [-4.0, -2.0]" in message
+    assert "secret key 42" not in message and "other-secret-1" not in message
+
+
 def test_a_missing_file_is_refused(tmp_path):
     with pytest.raises(TenantsConfigError, match="does not exist"):
         TenantsConfig.load(tmp_path / "nope.toml")

@@ -123,10 +123,10 @@ def test_engine_constructor_fails_fast_on_a_bad_setting(smollm2_path):
                       kvzap_threshold=-4, kvzap_window=-3)  # fmt: skip
 
 
-def _launch_server(*flags: str, model_path) -> subprocess.CompletedProcess:
+def _launch_server(*flags: str, model_path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
            "--attention-backend", "torch_native", "--port", "1", *flags]  # fmt: skip
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **(env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -134,6 +134,22 @@ def test_real_cli_rejects_a_malformed_threshold_with_exit_2(smollm2_path):
     malformed = _launch_server("--kvzap-threshold", "abc", model_path=smollm2_path)
     assert malformed.returncode == 2
     assert "--kvzap-threshold" in malformed.stderr and "must be a number" in malformed.stderr
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"KVZAP_THRESHOLD": "abc"}, "kvzap threshold must be a number, got 'abc'"),
+        ({"KVZAP_THRESHOLD": "-4", "KVZAP_REDIS_URL": "redis://127.0.0.1:6379/0", "KVZAP_SAMPLE_RATE": "often"},
+         "kvzap sample rate must be a number, got 'often'"),
+    ],
+)
+def test_a_malformed_environment_is_one_clean_error_without_a_plugin_traceback(smollm2_path, env, message):
+    refused = _launch_server(model_path=smollm2_path, env=env)
+    assert refused.returncode == 2
+    assert f"sglang: error: {message}" in refused.stderr
+    # SGLang's load_plugins logs what register() raises with a traceback, before the launcher's own error.
+    assert "Traceback" not in refused.stderr and "Failed to execute general plugin" not in refused.stderr
 
 
 def _parse(*flags: str, model_path):
