@@ -23,7 +23,8 @@ per-tenant KV budgets at admission, per-tenant figures.
   group, and its later requests go ahead rather than wait with it);
   the other tenants' requests are admitted as usual, so one tenant's burst never blocks another's admission. Held
   requests keep their places in the waiting queue (``requeue``). A tenant's requests take their turns in SGLang's
-  order: by priority first under ``--enable-priority-scheduling`` (``_in_turn_order``). Structured-output requests
+  order: by priority first under ``--enable-priority-scheduling``, longest output first under ``lof``
+  (``_in_turn_order``). Structured-output requests
   whose grammar is ready join the waiting queue before the check, not inside SGLang's admission after it
   (``_take_ready_grammar_requests``); a request SGLang refuses needs only the one token it is queued with.
 * **A tenant's budget is its pool** (``cap_to_budget``, AROUND ``Scheduler.init_req_max_new_tokens``) — as SGLang
@@ -387,14 +388,24 @@ def still_to_write(req, max_new_tokens: int, chunked: bool) -> int:
 
 
 def _in_turn_order(scheduler) -> list:
-    """The waiting queue in the order a tenant's requests take their turns: the queue's, or with priority scheduling
-    by priority first, as SGLang's admission sorts it (ties keep their places). Unsorted, a tenant's request of a
-    higher priority waited behind its held lower-priority one."""
-    queue = scheduler.waiting_queue
-    if not getattr(scheduler, "enable_priority_scheduling", False):
+    """The waiting queue in the order a tenant's requests take their turns: SGLang's own sort of it where that sort
+    needs no prefix matching (``SchedulePolicy.calc_priority``): longest output first under ``--schedule-policy
+    lof`` (by priority first with priority scheduling), by priority then arrival under priority scheduling, else the
+    queue's order. Unsorted, a tenant's request of a higher priority, or under lof one with a longer output, waited
+    behind a held one that SGLang's admission would have taken after it."""
+    from sglang.srt.managers.schedule_policy import CacheAgnosticPolicy, SchedulePolicy
+
+    policy = scheduler.policy
+    by_priority = getattr(scheduler, "enable_priority_scheduling", False)
+    if policy.policy == CacheAgnosticPolicy.LOF:
+        queue = list(scheduler.waiting_queue)
+        SchedulePolicy._sort_by_longest_output(queue, by_priority, policy.priority_sign)
         return queue
-    sign = scheduler.policy.priority_sign
-    return sorted(queue, key=lambda req: req.priority * sign)
+    if by_priority:
+        queue = list(scheduler.waiting_queue)
+        SchedulePolicy._sort_by_priority_and_fcfs(queue, policy.priority_sign)
+        return queue
+    return scheduler.waiting_queue
 
 
 def cap_to_budget(original, scheduler, req, *args, **kwargs):

@@ -183,3 +183,39 @@ def test_a_retracted_request_prefilled_again_in_chunks_counts_its_output_too():
     req.kv.kv_allocated_len = 16  # its first chunk prefilled again
     assert still_to_write(req, 70, chunked=True) == 30 + (20 + 40 - 16)
     assert still_to_write(req, 70, chunked=False) == 30
+
+
+def _scheduler_with(policy: str, priority_scheduling: bool, queue: list):
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    sort = SchedulePolicy(policy, SimpleNamespace(disable=True), enable_hierarchical_cache=False,
+                          enable_priority_scheduling=priority_scheduling, schedule_low_priority_values_first=True)  # fmt: skip
+    return SimpleNamespace(policy=sort, enable_priority_scheduling=priority_scheduling, waiting_queue=queue)
+
+
+def test_a_tenants_requests_take_their_turns_in_sglangs_order():
+    """Budgets judge a tenant's requests in the order SGLang's admission takes them (``calc_priority``): under
+    ``--schedule-policy lof`` the longest output first (priority first with priority scheduling); with priority
+    scheduling alone by priority, then arrival time. In queue order, a later request with a longer output waited
+    behind a held one SGLang would have taken after it."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from kvzap_sglang.plugin.tenants import _in_turn_order
+
+    def req(rid: str, max_new_tokens: int, priority: int, arrived: float) -> Req:
+        made = Req(rid, "", array("q", [1, 2, 3]), SamplingParams(max_new_tokens=max_new_tokens), priority=priority)
+        made.time_stats.wait_queue_entry_time = arrived
+        return made
+
+    queue = [req("a", 10, 1, 3.0), req("b", 50, 2, 1.0), req("c", 30, 1, 2.0), req("d", 40, 1, 4.0)]
+    order = lambda policy, by_priority: [r.rid for r in _in_turn_order(_scheduler_with(policy, by_priority, queue))]
+    assert order("lof", False) == ["b", "d", "c", "a"]
+    assert order("lof", True) == ["d", "c", "a", "b"]
+    assert order("fcfs", True) == ["c", "a", "d", "b"]
+    assert order("fcfs", False) == ["a", "b", "c", "d"]
+    assert [r.rid for r in queue] == ["a", "b", "c", "d"]  # the scheduler's queue itself is never reordered
