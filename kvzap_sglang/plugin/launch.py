@@ -73,6 +73,12 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
         # One forward and no decode: nothing to prune for, and embedding requests skip init_req_max_new_tokens,
         # where tenants' budgets cap a request.
         raise KVzapConfigError("KVzap prunes the KV cache of generation; an embedding server (--is-embedding) has none")
+    if server_values.get("enable_streaming_session"):
+        # A streaming session keeps a finished turn's request row and its cells for the next turn (SGLang's
+        # claim_kv_row, reachable with --disable-radix-cache): cells neither free nor held by the prefix cache, which
+        # the idle check counts as a leak (measured: the scheduler stopped after one turn).
+        raise KVzapConfigError("KVzap does not support --enable-streaming-session (session rows keep cells between "
+                               "turns outside the prefix cache)")
     _refuse_unsupported_layouts(server_values)
     dims = ModelDims.from_model_path(server_values["model_path"]) if server_values.get("model_path") else None
     resolve_surrogate(settings.surrogate, dims)  # raises on unknown kind / mismatch

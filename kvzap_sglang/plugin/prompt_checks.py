@@ -1,11 +1,14 @@
 """Refuse prompts SGLang 0.5.23 would crash on, with a 400, while KVzap is on.
 
-Three requests kill a stock SGLang 0.5.23 scheduler (measured on CPU, with and without KVzap): a ``/generate`` text
+These requests kill a stock SGLang 0.5.23 scheduler (measured on CPU, with and without KVzap): a ``/generate`` text
 that tokenizes to nothing (``{"text": ""}`` with SmolLM2's tokenizer, which adds no BOS: the first forward reshapes
 a 0-token batch and raises), ``input_ids`` outside the vocabulary (the embedding lookup raises ``IndexError``) and,
 with ``--disable-radix-cache``, ``input_embeds`` rows that are not ``hidden_size`` long (the model raises
-``ValueError`` in the scheduler). The scheduler dies, and with it every running request and the server. SGLang
-checks none of the three in ``TokenizerManager._validate_one_request``, which runs in the HTTP process before
+``ValueError`` in the scheduler). With ``return_logprob``, two more: ``top_logprobs_num`` (OpenAI's
+``top_logprobs``) above the vocabulary size (``torch.topk`` raises "selected index k out of range") and a
+``logprob_start_len`` below -1 once the prompt's prefix is cached (an assertion in
+``add_input_logprob_return_values``). The scheduler dies, and with it every running request and the server. SGLang
+checks none of these in ``TokenizerManager._validate_one_request``, which runs in the HTTP process before
 anything is queued and whose ``ValueError`` is already answered with a 400; so the check goes there. Stock servers
 (KVzap off) are left as they are.
 
@@ -23,10 +26,11 @@ from kvzap_sglang.plugin.tenants import refuse_unvouched_tenant_keys
 
 def refuse_crashing_prompts(original, self, obj, input_ids):
     """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, a token id outside
-    ``[0, vocab_size)`` or embeddings not ``[tokens, hidden_size]`` is a ``ValueError`` (HTTP 400) before SGLang's
-    own checks."""
+    ``[0, vocab_size)``, embeddings not ``[tokens, hidden_size]`` or logprob options out of range is a
+    ``ValueError`` (HTTP 400) before SGLang's own checks."""
     if kvzap_enabled():  # read per request: the launcher exports the settings after this hook is registered
         check_no_beam_search(obj)
+        check_logprob_params(obj, self.model_config.vocab_size)
         refuse_unvouched_tenant_keys(obj)
         embeds = getattr(obj, "input_embeds", None)
         if embeds is not None:
@@ -43,6 +47,20 @@ def check_no_beam_search(obj) -> None:
     width = params.get("beam_width") if isinstance(params, dict) else None
     if isinstance(width, int) and width > 1:
         raise ValueError("beam search (sampling_params.beam_width > 1) is not supported with KVzap on")
+
+
+def check_logprob_params(obj, vocab_size: int) -> None:
+    """Logprob options the scheduler would die on (module docstring); only read with ``return_logprob``, as SGLang
+    ignores them otherwise."""
+    if not getattr(obj, "return_logprob", False):
+        return
+    top = getattr(obj, "top_logprobs_num", None)
+    if isinstance(top, int) and not 0 <= top <= vocab_size:
+        raise ValueError(f"top_logprobs_num (OpenAI: top_logprobs) must be in [0, {vocab_size}], the model's "
+                         f"vocabulary size; got {top}")
+    start = getattr(obj, "logprob_start_len", None)
+    if isinstance(start, int) and start < -1:
+        raise ValueError(f"logprob_start_len must be -1 (the default) or a prompt position >= 0, got {start}")
 
 
 def check_prompt_ids(input_ids: list[int], vocab_size: int) -> None:

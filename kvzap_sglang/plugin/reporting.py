@@ -7,9 +7,11 @@ Path of the per-request figures (all SGLang extension points, no fork):
    request (``Req.kvzap_figures``: they go with it, whether its output is streamed or it is dropped);
 2. ``KvzapOutputStreamer`` (the scheduler's ``SchedulerOutputStreamer`` with ``has_additional_customized_info``) —
    attaches them to the request's final output as customized info ``"kvzap"``;
-3. ``TokenizerManager.update_request_meta_info`` (main process, AROUND hook) — SGLang accumulates customized info
-   into a list; the hook replaces the list by the one dict, so ``meta_info["kvzap"]`` is
-   ``{"removed_fraction", "cells_held", "cells_full", "tokens"}``.
+3. ``TokenizerManager.update_request_meta_info`` (main process, AROUND hook) — takes ``"kvzap"`` out of what SGLang
+   accumulates and puts the one dict into the final output's ``meta_info``: ``meta_info["kvzap"]`` is
+   ``{"removed_fraction", "cells_held", "cells_full", "tokens"}`` there and absent from earlier stream chunks.
+   SGLang treats accumulated keys as per-token lists (it slices them with ``--incremental-streaming-output`` and
+   re-reports them in every chunk of a cumulative stream), which a dict in their place broke.
 
 Server-wide totals (``KvzapRuntime.snapshot``) go to ``/server_info`` (``internal_states[0]["kvzap"]``) and, with
 ``--enable-metrics``, to ``/metrics`` as ``kvzap_*`` gauges (prometheus multiprocess mode, written by the scheduler).
@@ -61,14 +63,16 @@ class KvzapOutputStreamer(SchedulerOutputStreamer):
 
 
 def unwrap_meta_info(original, self, meta_info, state, customized_info, index, finish_reason):
-    """AROUND ``TokenizerManager.update_request_meta_info``: ``meta_info["kvzap"]`` becomes the request's dict."""
+    """AROUND ``TokenizerManager.update_request_meta_info``: ``meta_info["kvzap"]`` is the request's dict, on its
+    final output only (module docstring). Once, the hook turned SGLang's accumulated list into the dict in place: a
+    stream with ``--incremental-streaming-output`` then sliced the dict (``TypeError``, and the server went down),
+    and a cumulative stream sent ``"kvzap": []`` in every chunk before the last."""
+    ours = customized_info.get(META_KEY) if customized_info else None
+    if ours is not None:
+        customized_info = {key: values for key, values in customized_info.items() if key != META_KEY}
     result = original(self, meta_info, state, customized_info, index, finish_reason)
-    value = meta_info.get(META_KEY)
-    if isinstance(value, list):
-        if value:
-            meta_info[META_KEY] = value[-1]
-        else:
-            del meta_info[META_KEY]
+    if ours is not None and ours[index]:
+        meta_info[META_KEY] = ours[index][-1]
     return result
 
 

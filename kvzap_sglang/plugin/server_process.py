@@ -1,4 +1,5 @@
-"""Launching ``sglang.launch_server`` and waiting for it, shared by the tests, benchmarks and scripts.
+"""Launching ``sglang.launch_server``, waiting for it and reading its answers, shared by the tests, benchmarks and
+scripts.
 
 Imports nothing from SGLang: it only watches a child process and polls its ``/health`` endpoint.
 """
@@ -106,6 +107,20 @@ def wait_until_idle(url: str, timeout_s: float = 120.0) -> dict:
     while (state := kvzap_state(url))["cells_in_use"] != state["cells_cached"] and time.monotonic() < deadline:
         time.sleep(0.5)
     return state
+
+
+def stream_chunks(url: str, path: str, body: dict, timeout_s: float = 300.0) -> list[dict]:
+    """POST ``body`` with ``"stream": true`` to ``{url}{path}``; the JSON chunks of its server-sent events up to
+    ``[DONE]``. Raises ``requests.HTTPError`` for a status other than 200."""
+    import json
+
+    chunks = []
+    with requests.post(f"{url}{path}", json={**body, "stream": True}, stream=True, timeout=timeout_s) as response:
+        response.raise_for_status()
+        for line in response.iter_lines(decode_unicode=True):
+            if line and line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: ") :]))
+    return chunks
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ Constant surrogate (scores 0/1/2 on KV heads 0/1/2), τ = 0.5, window 8, chunked
 longer than 8 tokens has KV head 0 freed outside its window, long prompts go through chunked prefill, and the
 stress test checks that every cell comes back after ≥ 200 mixed requests including aborts. The radix cache is off
 here (``--disable-radix-cache``: every cell must come back); prefix sharing is tested in test_prefix_sharing.py.
+Streams are incremental here (``--incremental-streaming-output``); test_prefix_sharing.py streams cumulatively.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from kvzap_sglang.plugin.server_process import kvzap_state
+from kvzap_sglang.plugin.server_process import kvzap_state, stream_chunks
 
 pytestmark = pytest.mark.engine  # starts the real SGLang engine/server: deselect with -m 'not engine'
 
@@ -27,7 +28,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. "
 @pytest.fixture(scope="module")
 def server(smollm2_path, server_factory, head0_surrogate):
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
-             "--chunked-prefill-size", "256", "--enable-metrics", "--disable-radix-cache"]  # fmt: skip
+             "--chunked-prefill-size", "256", "--enable-metrics", "--disable-radix-cache",
+             "--incremental-streaming-output"]  # fmt: skip
     with server_factory(smollm2_path, flags) as url:
         yield url
 
@@ -57,6 +59,47 @@ def test_chat_completions_are_served(server):
     choice = response.json()["choices"][0]
     assert choice["message"]["content"]
     assert choice["finish_reason"] in ("length", "stop")
+
+
+def test_incremental_streams_carry_the_figures_on_their_last_chunk_and_the_server_serves_on(server):
+    """With ``--incremental-streaming-output`` SGLang slices every accumulated customized-info key per chunk; the
+    figures used to sit there as a dict, so the first streamed request to finish raised in the HTTP process and
+    SGLang shut the whole server down."""
+    text = "<|im_start|>user\n" + FILLER * 3 + "What colour is the sun?<|im_end|>\n"
+    chunks = stream_chunks(server, "/generate", {"text": text, "sampling_params": {"max_new_tokens": 6,
+                                                                                  "temperature": 0}})  # fmt: skip
+    assert len(chunks) >= 2
+    assert all("kvzap" not in chunk["meta_info"] for chunk in chunks[:-1])
+    figures = chunks[-1]["meta_info"]["kvzap"]
+    assert figures["cells_full"] == figures["tokens"] * LAYERS * KV_HEADS and figures["cells_held"] > 0
+    assert "".join(chunk["text"] for chunk in chunks) == generate(server, text, max_new_tokens=6)["text"]
+    body = {"model": "default", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6,
+            "temperature": 0}  # fmt: skip
+    openai_chunks = stream_chunks(server, "/v1/chat/completions", body)
+    assert openai_chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert requests.get(f"{server}/health", timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"return_logprob": True, "top_logprobs_num": 100000}, "top_logprobs_num (OpenAI: top_logprobs) must be in"),
+        ({"return_logprob": True, "logprob_start_len": -5}, "logprob_start_len must be -1"),
+    ],
+    ids=["top logprobs past the vocabulary", "negative logprob start"],
+)
+def test_logprob_options_that_crash_sglangs_scheduler_are_a_400(server, body, reason):
+    """Both kill a stock SGLang 0.5.23 scheduler (the second once the prompt's prefix is cached); the OpenAI route
+    reaches the same check through ``top_logprobs``."""
+    response = requests.post(f"{server}/generate", json={"text": "The capital of France is",
+                                                         "sampling_params": {"max_new_tokens": 2}, **body},
+                             timeout=300)  # fmt: skip
+    assert response.status_code == 400 and reason in response.text, response.text
+    chat = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": True,
+            "top_logprobs": 100000}  # fmt: skip
+    response = requests.post(f"{server}/v1/chat/completions", json=chat, timeout=300)
+    assert response.status_code == 400 and "top_logprobs" in response.text, response.text
+    assert generate(server, "The capital of France is")["meta_info"]["completion_tokens"] == 4
 
 
 def _stress_request(url: str, index: int, rng: random.Random) -> str:

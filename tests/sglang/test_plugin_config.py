@@ -80,6 +80,7 @@ def test_off_by_default_leaves_server_args_and_env_untouched(server_args_with_kv
         (dict(kvzap_threshold=-4, kv_cache_dtype="fp8_e4m3"), "kv-cache-dtype fp8_e4m3"),
         (dict(kvzap_threshold=-4, dllm_algorithm="LowConfidence"), "dllm-algorithm"),
         (dict(kvzap_threshold=-4, is_embedding=True), "is-embedding"),
+        (dict(kvzap_threshold=-4, enable_streaming_session=True, disable_radix_cache=True), "streaming-session"),
     ],
 )
 def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kvzap, smollm2_path, head0_surrogate, kwargs, message):

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from benchmarks.tasks import make_shared_document
-from kvzap_sglang.plugin.server_process import kvzap_state, wait_until_idle
+from kvzap_sglang.plugin.server_process import kvzap_state, stream_chunks, wait_until_idle
 
 pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
 
@@ -103,3 +103,16 @@ def test_multi_turn_chat_keeps_hitting_the_cache(mlp_server, tokenizer):
         previous = meta["prompt_tokens"] + meta["completion_tokens"]
     state = wait_until_idle(mlp_server)
     assert state["prefix_cache"] == "KvzapRadixCache" and state["cells_cached"] > 0
+
+
+def test_a_cumulative_stream_reports_the_figures_once_on_its_last_chunk(mlp_server):
+    """SGLang re-reports every accumulated customized-info key in each chunk of a cumulative stream: the chunks before
+    the last carried ``"kvzap": []`` and the last a dict, a field that changed type within one response."""
+    body = {"text": "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0}}  # fmt: skip
+    chunks = stream_chunks(mlp_server, "/generate", body)
+    assert len(chunks) >= 2
+    assert all("kvzap" not in chunk["meta_info"] for chunk in chunks[:-1])
+    figures = chunks[-1]["meta_info"]["kvzap"]
+    assert set(figures) == {"removed_fraction", "cells_held", "cells_full", "tokens"}
+    assert figures["tokens"] >= chunks[-1]["meta_info"]["prompt_tokens"] and figures["cells_full"] == figures["tokens"] * 90
