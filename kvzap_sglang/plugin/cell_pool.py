@@ -207,6 +207,11 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
                 assert torch.unique(free).numel() == free.numel(), "a slot is on the free list twice"
                 assert not bool((self.store.slot_cells[free] > 0).any()), "a free slot holds cells"
                 assert not bool((self.store.slot_group[free] != 0).any()), "a free slot is tagged as cached"
+                # Nothing holds a radix-tree lock at idle; a leaked lock pins its cells for ever, and the identity
+                # below (and SGLang's own, available + evictable + protected) still holds, so it is checked here.
+                assert self.store.group_slots[PROTECTED] == 0, (
+                    f"{self.store.group_slots[PROTECTED]} cached slots still locked at idle (a leaked tree lock)"
+                )
                 cached = self.store.group_slots[EVICTABLE] + self.store.group_slots[PROTECTED]
                 assert free.numel() + cached == self.store.config.num_slots, (
                     f"{free.numel()} free + {cached} cached slots != {self.store.config.num_slots} at idle"

@@ -89,6 +89,22 @@ def test_sizes_count_cells_in_token_equivalents(tree):
     _idle_invariant(tree)
 
 
+def test_the_deep_idle_check_reports_a_leaked_tree_lock(tree):
+    """A lock left on a cached prefix at idle pins its cells for ever while every sum still balances (the locked cells
+    count as protected); with ``KVZAP_CHECK_INVARIANTS=1`` (the stress tests' servers) the idle check names it."""
+    allocator = tree.token_to_kv_pool_allocator
+    allocator.deep_checks = True
+    _insert(tree, list(range(100, 110)))
+    node = _match(tree, list(range(100, 110))).last_device_node
+    tree.inc_lock_ref(node)
+    assert allocator.available_size() + tree.evictable_size() + tree.protected_size() == TOKENS
+    problems = allocator.verify_byte_accounting()
+    assert problems == ["KVzap store invariant: 10 cached slots still locked at idle (a leaked tree lock)"]
+    tree.dec_lock_ref(node)
+    allocator._changes += 1  # the check reruns only after the store changed
+    assert allocator.verify_byte_accounting() == []
+
+
 def test_match_backs_off_before_a_hole_in_the_requests_window(tree):
     tokens = list(range(200, 220))  # 20 cached tokens
     slots = _insert(tree, tokens)

@@ -31,7 +31,7 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory):
     tenants.write_text(TENANTS_TOML)
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-tenants", str(tenants),
              "--enable-priority-scheduling", "--max-total-tokens", "4096"]  # fmt: skip
-    with server_factory(smollm2_path, flags) as url:
+    with server_factory(smollm2_path, flags, deep_checks=True) as url:  # idle recount: tenant rounds lock prefixes
         yield url
 
 

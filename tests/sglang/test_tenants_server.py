@@ -100,7 +100,7 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, modu
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
              "--kvzap-sample-rate", "1", "--max-total-tokens", "4096",
              "--chunked-prefill-size", str(CHUNK)]  # fmt: skip
-    with server_factory(smollm2_path, flags) as url:
+    with server_factory(smollm2_path, flags, deep_checks=True) as url:  # idle recount: tenant rounds lock prefixes
         yield url
 
 
