@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import secrets
 import statistics
 import tempfile
 import threading
@@ -180,7 +181,8 @@ def main() -> None:
         parser.error("--rounds, --budget-tokens, --clients, --flood-clients and --requests must be >= 1")
 
     flags = [*SERVER_FLAGS, "--max-total-tokens", "16384", "--kvzap-threshold", str(args.threshold),
-             "--kvzap-surrogate", args.surrogate, "--kvzap-tenants", str(write_tenants_file(args))]  # fmt: skip
+             "--kvzap-surrogate", args.surrogate, "--kvzap-tenants", str(write_tenants_file(args)),
+             "--admin-api-key", secrets.token_urlsafe(16)]  # required with tenants; this run uses no admin route
     with launched_server(resolve_model_path(args.model), flags) as url:
         _, meta = request(url, "small", random.Random(0), args)  # warm-up
         worst_case = meta["prompt_tokens"] + args.new_tokens

@@ -60,6 +60,12 @@ class ThresholdNotFoundError(CalibrationError, LookupError):
     code = "threshold_not_found"
 
 
+class ThresholdUnreadableError(ThresholdNotFoundError):
+    """A record is stored for the series but is not a valid one (foreign or corrupt data, a τ out of bounds)."""
+
+    code = "threshold_unreadable"
+
+
 class StoreUnavailableError(CalibrationError):
     """Redis could not be reached or failed mid-operation; nothing was written (StoreOutcomeUnknownError: maybe)."""
 

@@ -10,17 +10,23 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from calibrator.errors import ThresholdChangedError, ThresholdNotFoundError
+from calibrator.errors import ThresholdChangedError, ThresholdNotFoundError, ThresholdUnreadableError
 from calibrator.series import SeriesKey, unavailable
 
 log = logging.getLogger(__name__)
+
+# Bounds of a stored τ (a log-score): what the service accepts in a PUT, and what a server applies from the store.
+# Far outside any surrogate's scores (which keep everything or nothing there), yet finite in float32.
+TAU_LIMIT = 1000.0
 
 
 class ThresholdRecord(BaseModel):
     model: str
     task: str
     tenant: str | None = None
-    tau: float = Field(allow_inf_nan=False)
+    # Strict: the record is read by serving schedulers from a store anyone with Redis access can write; ``true`` or
+    # ``"-3"`` are not a τ, and 1e300 killed the scheduler that applied it.
+    tau: float = Field(ge=-TAU_LIMIT, le=TAU_LIMIT, allow_inf_nan=False, strict=True)
     source: Literal["calibrated", "manual"]
     target_ratio: float | None = None
     predicted_removed_fraction: float | None = None
@@ -33,14 +39,27 @@ class ThresholdRecord(BaseModel):
         return SeriesKey(self.model, self.task, self.tenant)
 
 
+_warned: dict[str, bytes] = {}  # field -> the unreadable entry last logged for it (one warning per bad value)
+
+
 def parse_record(raw: bytes, field: str) -> ThresholdRecord | None:
-    """The record in ``raw``, or None (logged) when it is not one: foreign or corrupt data under the prefix is
-    treated as absent — left in place, skipped by listings, replaced by the next PUT or calibration."""
+    """The record in ``raw``, or None (logged once per field and value) when it is not one: foreign or corrupt data
+    under the prefix is treated as absent — left in place, skipped by listings, replaced by the next PUT or
+    calibration. Servers poll it every few seconds: logging each poll flooded their logs."""
     try:
-        return ThresholdRecord.model_validate_json(raw)
+        record = ThresholdRecord.model_validate_json(raw)
     except ValidationError as error:
-        log.warning("ignoring the unreadable threshold record %r: %s", field, error)
+        if _warned.get(field) != raw:
+            _warned[field] = raw
+            reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
+            log.warning("ignoring the unreadable threshold record %r: %s", field, reasons)
         return None
+    _warned.pop(field, None)
+    if "updated_at" not in record.model_fields_set:
+        # A record written without one (by hand): the default would be the time it is read, so each poll saw a new
+        # record and servers applied and logged it again every poll.
+        record = record.model_copy(update={"updated_at": 0.0})
+    return record
 
 
 # Writes a record only if its entry is still what the caller read (one atomic step). KEYS[1] = the thresholds hash;
@@ -96,8 +115,8 @@ class ThresholdStore:
             raise ThresholdNotFoundError(f"no threshold stored for {series}")
         record = parse_record(raw, series.encode())
         if record is None:
-            raise ThresholdNotFoundError(f"the threshold stored for {series} is unreadable (foreign or corrupt data); "
-                                         "store a new one to replace it")
+            raise ThresholdUnreadableError(f"the threshold stored for {series} is unreadable (foreign or corrupt data, "
+                                           "or a τ out of bounds); store a new one to replace it")
         return record
 
     def resolve(self, model: str, task: str, tenant: str | None = None) -> ThresholdRecord:
@@ -107,10 +126,16 @@ class ThresholdStore:
             raws = self.client.hmget(self.hash_key, [c.encode() for c in candidates])
         except redis.RedisError as error:
             raise unavailable(error) from error
+        unreadable = []
         for candidate, raw in zip(candidates, raws):
             record = None if raw is None else parse_record(raw, candidate.encode())
             if record is not None:
                 return record
+            if raw is not None:
+                unreadable.append(str(candidate))
+        if unreadable:
+            raise ThresholdUnreadableError(f"the threshold stored for {' and '.join(unreadable)} is unreadable "
+                                           "(foreign or corrupt data, or a τ out of bounds); store a new one")
         raise ThresholdNotFoundError(f"no threshold stored for {candidates[0]} or its (model, task)")
 
     def list(self, model: str | None = None, task: str | None = None) -> list[ThresholdRecord]:

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from calibrator.errors import StoreUnavailableError, ThresholdNotFoundError
+from calibrator.errors import StoreUnavailableError, ThresholdNotFoundError, ThresholdUnreadableError
 from calibrator.threshold_store import ThresholdRecord, ThresholdStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class ThresholdWatcher:
         self.record: ThresholdRecord | None = None
         self.failures = 0  # consecutive polls that could not reach the store
         self.last_error: str | None = None
+        self.unreadable: str | None = None  # why the stored record is not applied (None: readable or absent)
         self.last_success_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,14 +47,18 @@ class ThresholdWatcher:
         """Poll once; True when τ changed. Never raises for an unreachable store or a missing record."""
         try:
             record = self.store.resolve(self.model, self.task, self.tenant)
-        except ThresholdNotFoundError:
+        except ThresholdNotFoundError as error:  # absent, or unreadable (ThresholdUnreadableError): τ is kept
             self._succeeded()
+            self.unreadable = str(error) if isinstance(error, ThresholdUnreadableError) else None
             return False
         except StoreUnavailableError as error:
+            if self.failures == 0:  # once per outage, not once per poll
+                log.warning("threshold store unreachable, keeping τ %s until it answers: %s", self.tau, error)
             self.failures += 1
             self.last_error = str(error)
             return False
         self._succeeded()
+        self.unreadable = None
         if self.record is not None and record == self.record:
             return False
         changed = record.tau != self.tau
@@ -63,6 +68,8 @@ class ThresholdWatcher:
         return changed
 
     def _succeeded(self) -> None:
+        if self.failures:
+            log.info("threshold store reachable again after %d failed polls", self.failures)
         self.failures, self.last_error, self.last_success_at = 0, None, time.time()
 
     def start(self) -> ThresholdWatcher:

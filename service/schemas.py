@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibrator.fit import ThresholdFit
 from calibrator.summary import LABEL_PATTERN, MAX_LABEL_LENGTH, MODEL_PATTERN, ScoreSummary
-from calibrator.threshold_store import ThresholdRecord
+from calibrator.threshold_store import TAU_LIMIT, ThresholdRecord
 
 HARD_MAX_BATCH = 10_000  # schema-level cap; the configured max_batch_size is usually lower
 
@@ -43,7 +43,7 @@ class CalibrationResponse(BaseModel):
 
 class ThresholdUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    tau: float = Field(ge=-1000.0, le=1000.0, allow_inf_nan=False, description="log-score threshold")
+    tau: float = Field(ge=-TAU_LIMIT, le=TAU_LIMIT, allow_inf_nan=False, description="log-score threshold")
 
 
 class ErrorBody(BaseModel):

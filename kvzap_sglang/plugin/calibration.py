@@ -23,7 +23,11 @@ Scheduler process, when KVzap is on and a Redis URL is configured:
 With ``--kvzap-tenants``, each summary is filed under its request's tenant and every configured tenant has its own
 watcher: the service's τ for (model, task, tenant) becomes that tenant's τ (a (model, task) τ only reaches tenants
 whose τ the tenants file leaves open). Without tenants, every summary's tenant is ``"default"`` (a bare
-``extra_key`` is a cache-isolation salt that may be per user, which would open one Redis series per user).
+``extra_key`` is a cache-isolation salt that may be per user, which would open one Redis series per user), and the
+server's τ is the one stored for (model, task, ``default``) — the series its samples land in — else (model, task)'s.
+
+A τ is applied only from a valid record (``ThresholdRecord``: a strict number within ±``TAU_LIMIT``); an invalid one
+is logged once and shown in ``/server_info`` (``stored_record_error``) while the τ in use is kept.
 """
 
 from __future__ import annotations
@@ -187,6 +191,7 @@ class CalibrationLink:
     tenant_watchers: dict = field(default_factory=dict)  # tenant name → ThresholdWatcher (--kvzap-tenants)
     fixed_tau_tenants: frozenset = frozenset()  # tenants whose τ the tenants file sets
     applied_records: dict = field(default_factory=dict)  # tenant name → the last ThresholdRecord applied
+    refused_record: object = field(default=None, repr=False)  # the last record whose τ the runtime refused
 
     @classmethod
     def start(cls, settings: CalibrationSettings, model_id: str, initial_tau: float) -> CalibrationLink:
@@ -199,7 +204,8 @@ class CalibrationLink:
         client = connect(settings.redis_url)  # connects lazily; fails fast (no retries) when Redis is down
         sink = SampleSink(SampleStore(client, settings.redis_prefix).ingest, sample_fraction=settings.sample_rate)
         watcher = ThresholdWatcher(
-            ThresholdStore(client, settings.redis_prefix), model_id, settings.task, poll_interval_s=settings.tau_poll_s
+            ThresholdStore(client, settings.redis_prefix), model_id, settings.task, DEFAULT_TENANT,
+            poll_interval_s=settings.tau_poll_s,
         ).start()  # one synchronous poll: a τ already stored applies from the first forward
         atexit.register(sink.close, 1.0)
         logger.info(
@@ -228,9 +234,10 @@ class CalibrationLink:
         if tau is None or tau == rt.settings.threshold:
             return
         old = rt.settings.threshold
-        rt.set_threshold(tau)
-        self.tau_changes += 1
         record = self.watcher.record
+        if not self._applied(lambda: rt.set_threshold(tau), record):
+            return
+        self.tau_changes += 1
         logger.info(
             "KVzap τ %s -> %s for %s/%s (%s%s)", old, tau, self.model_id, self.settings.task,
             getattr(record, "source", "?"),
@@ -250,9 +257,23 @@ class CalibrationLink:
             self.applied_records[name] = record
             if record.tenant != name and name in self.fixed_tau_tenants:
                 continue  # only the tenant's own record overrides a τ the tenants file sets
-            rt.set_tenant_threshold(name, record.tau)
+            if not self._applied(lambda: rt.set_tenant_threshold(name, record.tau), record):
+                continue
             self.tau_changes += 1
             logger.info("KVzap τ of tenant %s -> %s (%s)", name, record.tau, record.source)
+
+    def _applied(self, apply, record) -> bool:
+        """Run ``apply`` (a τ change on the scheduler thread); a τ the runtime refuses is logged once per record and
+        skipped, never raised: it would stop the scheduler, and again at every restart while the record stays."""
+        try:
+            apply()
+        except KVzapConfigError as error:
+            if self.refused_record is not record:
+                self.refused_record = record
+                self.last_error = f"τ record refused: {error}"
+                logger.warning("KVzap: not applying the stored τ (%s): %s", getattr(record, "series", "?"), error)
+            return False
+        return True
 
     def sample(self, req, tree_cache, rt: runtime.KvzapRuntime) -> None:
         """Summarise a finished request's scores and hand the summary to the sink (never blocks on Redis)."""
@@ -301,8 +322,23 @@ class CalibrationLink:
             "redis_poll_failures": watcher.failures,
             "redis_last_error": watcher.last_error,
             "redis_last_success_at": watcher.last_success_at,
+            "stored_record_error": watcher.unreadable,
             "samples": asdict(self.sink.counters) | {"errors": self.sample_errors, "last_error": self.last_error},
-        }
+        } | ({"tenants": {name: _watcher_state(w) for name, w in self.tenant_watchers.items()}}
+             if self.tenant_watchers else {})  # fmt: skip
+
+
+def _watcher_state(watcher) -> dict:
+    """A tenant watcher's view (with tenants, these decide every τ; the (model, task) figures above do not)."""
+    record = watcher.record
+    return {
+        "stored_tau": watcher.tau,
+        "source": None if record is None else record.source,
+        "record_tenant": None if record is None else record.tenant,
+        "redis_poll_failures": watcher.failures,
+        "redis_last_error": watcher.last_error,
+        "stored_record_error": watcher.unreadable,
+    }
 
 
 _link: CalibrationLink | None = None

@@ -169,6 +169,27 @@ def refuse_flags_without_threshold(given: dict[str, Any]) -> None:
         raise KVzapConfigError(f"{', '.join(names)} only apply with KVzap on: add --kvzap-threshold TAU")
 
 
+def refuse_open_admin_routes(settings: KVzapSettings, server_values: dict[str, Any]) -> None:
+    """An HTTP server with tenants needs ``--admin-api-key``. Without any key SGLang serves its admin routes
+    (``/abort_request``, ``/flush_cache``, ``/pause_generation``, weight and LoRA updates, ...) to every client, so
+    one tenant could abort another's requests by id or flush every tenant's cached prefixes; ``--api-key`` is refused
+    with tenants (their keys replace it), which left nothing guarding those routes. With an admin key they ask for
+    ``Authorization: Bearer ADMIN_KEY`` and the generation routes stay the tenants'. (``sglang.Engine`` serves no
+    HTTP: not checked there.)"""
+    tenants = settings.tenants_config()
+    if tenants is None:
+        return
+    admin_key = server_values.get("admin_api_key")
+    if not admin_key:
+        raise KVzapConfigError(
+            "--kvzap-tenants needs --admin-api-key KEY: without one SGLang serves its admin routes (/abort_request, "
+            "/flush_cache, /pause_generation, weight updates, ...) to every client, so a tenant could abort another "
+            "tenant's requests or flush every tenant's cache"
+        )
+    if any(spec.api_key == admin_key for spec in tenants.specs().values()):
+        raise KVzapConfigError("--admin-api-key must differ from every tenant's api_key (that tenant would be admin)")
+
+
 def from_cli_args(original, cls, args: argparse.Namespace):
     """AROUND ``ServerArgs.from_cli_args``: validate and export the KVzap flags, apply KVzap's required values."""
     threshold = getattr(args, "kvzap_threshold", None)
@@ -184,6 +205,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
             settings = KVzapSettings(threshold, args.kvzap_surrogate or DEFAULT_SURROGATE,
                                      DEFAULT_WINDOW if args.kvzap_window is None else args.kvzap_window,
                                      not args.kvzap_no_decode, args.kvzap_tenants)  # fmt: skip
+        refuse_open_admin_routes(settings, vars(args))
         overrides = prepare_launch(settings, vars(args))
     except KVzapConfigError as error:
         print(f"sglang: error: {error}", file=sys.stderr)

@@ -58,13 +58,12 @@ class KVzapSettings:
             raise KVzapConfigError(f"kvzap threshold must be a finite float32 number, got {self.threshold!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or not 0 <= self.window <= MAX_WINDOW:
             raise KVzapConfigError(f"kvzap window must be an integer in [0, {MAX_WINDOW}], got {self.window!r}")
-        if self.surrogate not in KINDS and not Path(self.surrogate).is_dir():
-            raise KVzapConfigError(
-                f"kvzap surrogate must be one of {'|'.join(KINDS)} or an existing checkpoint folder, "
-                f"got {self.surrogate!r}"
-            )
-        if self.tenants is not None:
-            self.tenants_config()  # raises on a missing or malformed file
+        # Values only, no files: τ changes live go through here (``KvzapRuntime.set_threshold``), and re-reading the
+        # tenants file or the surrogate folder there turned an edit of either into a crash of the serving
+        # scheduler. The launch checks both (``launch.prepare_launch``: ``resolve_surrogate``, ``tenants_config``).
+        if not isinstance(self.surrogate, str) or not self.surrogate:
+            raise KVzapConfigError(f"kvzap surrogate must be {'|'.join(KINDS)} or a checkpoint folder, "
+                                   f"got {self.surrogate!r}")
 
     def tenants_config(self):
         """The parsed tenants file (``kvzap_sglang.tenants.TenantsConfig``), or ``None`` without one."""

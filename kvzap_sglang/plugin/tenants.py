@@ -51,6 +51,7 @@ import torch
 from kvzap_sglang.tenants import (
     DEFAULT_TENANT,
     EXTRA_KEY_PREFIX,
+    GROUP_KEY_PREFIX,
     TenantAuthError,
     TenantsConfig,
     clamp_to_range,
@@ -73,6 +74,10 @@ SESSIONS_REFUSED = "SGLang sessions are not tenant-scoped, so they are not serve
 # The scheduler takes a request's tenant from its extra_key, so in the HTTP process a tenant namespace may only come
 # from TenantMiddleware: these are the extra_keys it wrote for the HTTP request being served (None outside one), and
 # ``refuse_unvouched_tenant_keys`` refuses any other (SGLang's other generation routes accept extra_key too).
+# Namespaces only KVzap writes: a tenant's (the middleware) and a prefix-cache group's (the radix cache maps a group
+# tenant's namespace to it). A client's raw extra_key starting with either would reach that tenant's or group's
+# cached prefixes from a route the middleware does not cover.
+RESERVED_KEY_PREFIXES = (EXTRA_KEY_PREFIX, GROUP_KEY_PREFIX)
 _vouched_extra_keys: ContextVar[frozenset[str] | None] = ContextVar("kvzap_vouched_extra_keys", default=None)
 _edge_installed = False  # this process serves HTTP with TenantMiddleware (sglang.Engine callers set extra_key)
 
@@ -462,9 +467,8 @@ class TenantMiddleware:
         if scope["type"] != "http" or scope["method"] not in TENANT_METHODS or scope["path"] not in TENANT_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        auth = headers.get("authorization", "")
-        api_key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         try:
+            api_key = self._api_key(headers.get("authorization"))
             tenant = self.config.resolve(api_key, headers.get(TENANT_HEADER) or None)
             body = await _read_body(receive)
             payload = json.loads(body or b"{}")
@@ -475,7 +479,7 @@ class TenantMiddleware:
             payload["extra_key"] = _tenant_extra_key(tenant, payload.get("extra_key"))
         except TenantAuthError as error:
             return await _reject(send, error.status, error.reason)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # not UTF-8: latin-1 text, a gzip body
             return await _reject(send, 400, f"invalid JSON body: {error}")
         written = payload["extra_key"]
         vouched = _vouched_extra_keys.set(frozenset(written if isinstance(written, list) else [written]))
@@ -497,6 +501,17 @@ class TenantMiddleware:
             _vouched_extra_keys.reset(vouched)
 
 
+    def _api_key(self, authorization: str | None) -> str | None:
+        """The key of an ``Authorization: Bearer KEY`` header. With keys configured, a header of any other form
+        (``Basic ...``, a bare ``Bearer``, a tab after it) is a 401: read as no key, it ran as ``default``."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            return key.strip()
+        if authorization and self.config.keys_configured:
+            raise TenantAuthError(401, "the Authorization header must be 'Bearer API_KEY'")
+        return None
+
+
 def refuse_unvouched_tenant_keys(obj) -> None:
     """HTTP process, per request before it is queued: an ``extra_key`` naming a tenant namespace that
     ``TenantMiddleware`` did not write for this HTTP request (another route, or a body that set it) is a
@@ -506,10 +521,10 @@ def refuse_unvouched_tenant_keys(obj) -> None:
     value = getattr(obj, "extra_key", None)
     vouched = _vouched_extra_keys.get() or frozenset()
     for key in value if isinstance(value, list) else [value]:
-        if isinstance(key, str) and key.startswith(EXTRA_KEY_PREFIX) and key not in vouched:
+        if isinstance(key, str) and key.startswith(RESERVED_KEY_PREFIXES) and key not in vouched:
             raise ValueError(
-                f"extra_key may not name a tenant namespace ({EXTRA_KEY_PREFIX}...): a request's tenant comes from "
-                f"its API key on {', '.join(TENANT_PATHS)}"
+                f"extra_key may not name a tenant or prefix-cache group namespace ({' or '.join(RESERVED_KEY_PREFIXES)}"
+                f"...): a request's tenant comes from its API key on {', '.join(TENANT_PATHS)}"
             )
 
 
@@ -518,7 +533,7 @@ def _tenant_extra_key(tenant: str, client_value):
     for value in values:
         if value is not None and not isinstance(value, str):
             raise TenantAuthError(400, "extra_key must be a string or a list of strings")
-        if value and value.startswith(EXTRA_KEY_PREFIX):
+        if value and value.startswith(RESERVED_KEY_PREFIXES):
             raise TenantAuthError(403, "extra_key may not name a tenant namespace; send the tenant's API key")
     if isinstance(client_value, list):
         return [extra_key_for(tenant, value) for value in client_value]

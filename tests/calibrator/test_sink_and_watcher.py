@@ -175,3 +175,54 @@ def test_unreadable_threshold_records_count_as_absent(redis_client, prefix, capl
     assert redis_client.hget(thresholds.hash_key, "foreign") == b'{"tau": "x"}'  # left in place
     thresholds.put(ThresholdRecord(model="m", task="t", tenant="acme", tau=-6.0, source="manual"))
     assert thresholds.get(SeriesKey("m", "t", "acme")).tau == -6.0
+
+
+@pytest.mark.parametrize("tau", ["1e300", "-1000.5", "true", '"-3.0"', "null", "NaN"])
+def test_a_tau_that_is_no_number_or_out_of_bounds_is_unreadable_and_the_watcher_keeps_its_tau(redis_client, prefix,
+                                                                                              tau):
+    """What a server would apply: 1e300 stopped its scheduler, ``true`` and ``"-3.0"`` were applied as numbers."""
+    thresholds = ThresholdStore(redis_client, prefix)
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-7.0, source="manual"))
+    watcher = ThresholdWatcher(thresholds, "m", "t")
+    assert watcher.refresh() is True and watcher.tau == -7.0 and watcher.unreadable is None
+    redis_client.hset(thresholds.hash_key, SeriesKey("m", "t").encode(),
+                      f'{{"model": "m", "task": "t", "source": "manual", "tau": {tau}}}')  # fmt: skip
+    assert watcher.refresh() is False and watcher.tau == -7.0
+    assert "m/t is unreadable" in watcher.unreadable
+    with pytest.raises(ThresholdNotFoundError, match="unreadable"):
+        thresholds.get(SeriesKey("m", "t"))
+    thresholds.put(ThresholdRecord(model="m", task="t", tau=-1000.0, source="manual"))  # the bound itself is a τ
+    assert watcher.refresh() is True and watcher.tau == -1000.0 and watcher.unreadable is None
+
+
+def test_a_record_without_updated_at_is_applied_once(redis_client, prefix):
+    """Read without ``updated_at``, a record got the time of reading: every poll saw a new record, and servers with
+    tenants applied and logged it again each poll."""
+    thresholds = ThresholdStore(redis_client, prefix)
+    redis_client.hset(thresholds.hash_key, SeriesKey("m", "t", "acme").encode(),
+                      '{"model": "m", "task": "t", "tenant": "acme", "source": "manual", "tau": -3}')  # fmt: skip
+    first = thresholds.resolve("m", "t", "acme")
+    assert first.tau == -3.0 and first.updated_at == 0.0 and thresholds.resolve("m", "t", "acme") == first
+    changes = []
+    watcher = ThresholdWatcher(thresholds, "m", "t", "acme", on_change=lambda tau, record: changes.append(record))
+    assert [watcher.refresh() for _ in range(3)] == [True, False, False] and len(changes) == 1
+
+
+def test_bad_records_and_an_outage_are_logged_once_not_every_poll(redis_client, prefix, closed_port_url, caplog):
+    thresholds = ThresholdStore(redis_client, prefix)
+    redis_client.hset(thresholds.hash_key, SeriesKey("m", "t").encode(), b"{not json")
+    watcher = ThresholdWatcher(thresholds, "m", "t")
+    with caplog.at_level("INFO"):
+        for _ in range(5):
+            watcher.refresh()
+        redis_client.hset(thresholds.hash_key, SeriesKey("m", "t").encode(), b"{still not json")
+        watcher.refresh()
+        watcher.store = ThresholdStore(connect(closed_port_url, timeout_s=0.2), prefix)
+        for _ in range(3):
+            watcher.refresh()
+        watcher.store = thresholds
+        watcher.refresh()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreadable threshold record" in m for m in messages) == 2  # one per bad value
+    assert sum("unreachable" in m for m in messages) == 1 and sum("reachable again" in m for m in messages) == 1
+    assert watcher.failures == 0

@@ -339,3 +339,29 @@ def test_unreachable_redis_keeps_serving_at_the_last_tau_then_recovers(loop, pro
         relay.open()
     wait_for(lambda: state(url)["tau"] == TAU_WHILE_AWAY, timeout_s=15, what="τ after Redis came back")
     assert state(url)["redis_poll_failures"] == 0
+
+
+def test_an_invalid_stored_tau_is_shown_and_never_applied_and_the_server_serves_on(loop, prompts, redis_client):
+    """Anyone with Redis access can write the thresholds hash. A τ of 1e300 stopped the scheduler (and again at every
+    restart while it stayed); ``true`` or ``"-3"`` were applied as numbers. Now each is refused with its reason in
+    ``/server_info`` while the τ in use stays."""
+    url, _, prefix = loop
+    set_tau(redis_client, prefix, TAU_LIVE)
+    wait_for(lambda: state(url)["tau"] == TAU_LIVE, timeout_s=10, what="τ before the bad records")
+    hash_key, field = f"{prefix}thresholds", SeriesKey(MODEL, TASK).encode()
+    record = '{"model": "%s", "task": "%s", "source": "manual", "tau": %s}'
+    for tau in ("1e300", "-1e39", "true", '"-3.5"'):
+        redis_client.hset(hash_key, field, record % (MODEL, TASK, tau))
+        time.sleep(4 * POLL_S)  # a few polls
+        now = state(url)
+        assert now["tau"] == TAU_LIVE and "unreadable" in (now["stored_record_error"] or ""), (tau, now)
+        assert generate(url, prompts[0])["tokens"] > 0
+    # The series this server's samples land in, (model, task, default), decides before (model, task).
+    store = ThresholdStore(redis_client, prefix)
+    store.put(ThresholdRecord(model=MODEL, task=TASK, tenant="default", tau=TAU_START, source="manual"))
+    try:
+        wait_for(lambda: state(url)["tau"] == TAU_START, timeout_s=10, what="the default tenant's τ")
+        assert state(url)["stored_record_error"] is None
+    finally:
+        redis_client.hdel(hash_key, SeriesKey(MODEL, TASK, "default").encode())
+        set_tau(redis_client, prefix, TAU_LIVE)

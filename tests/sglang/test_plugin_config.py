@@ -182,6 +182,23 @@ def test_cli_parse_rejects_bad_flags_with_exit_2(server_args_with_kvzap, smollm2
     assert KVzapSettings.from_env() is None
 
 
+def test_tenants_on_an_http_server_need_an_admin_key_of_their_own(server_args_with_kvzap, smollm2_path, capsys):
+    """Without any SGLang key its admin routes are open, and --api-key is refused with tenants: an anonymous
+    /abort_request aborted a tenant's request by id and /flush_cache emptied every tenant's cache (review)."""
+    from pathlib import Path
+
+    example = str(Path(__file__).parents[2] / "configs" / "tenants.example.toml")
+    tenants = ["--kvzap-threshold", "-4", "--kvzap-surrogate", "linear", "--kvzap-tenants", example]
+    for extra, message in [([], "--kvzap-tenants needs --admin-api-key KEY"),
+                           (["--admin-api-key", "change-me-acme-0001"], "must differ from every tenant's api_key")]:
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(*tenants, *extra, model_path=smollm2_path)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert KVzapSettings.from_env() is None
+    args = _parse(*tenants, "--admin-api-key", "operator-key-0001", model_path=smollm2_path)
+    assert args.admin_api_key == "operator-key-0001" and KVzapSettings.from_env().tenants == example
+
+
 def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2_path, head0_surrogate):
     args = _parse("--kvzap-threshold", "-3.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-no-decode",
                   model_path=smollm2_path)  # fmt: skip

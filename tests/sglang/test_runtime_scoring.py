@@ -3,10 +3,11 @@ store with a constant surrogate: prefill, chunked prefill and decode, with and w
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvzap_sglang.plugin.runtime import BatchView, KvzapRuntime
-from kvzap_sglang.plugin.settings import KVzapSettings
+from kvzap_sglang.plugin.settings import KVzapConfigError, KVzapSettings
 from kvzap_sglang.storage import CellStore, CellStoreConfig, QueryLayout
 from kvzap_sglang.surrogate import KVzapConfig, KVzapSurrogate
 
@@ -108,3 +109,25 @@ def test_a_cached_prefix_left_undecided_is_decided_by_the_next_request():
     _forward(rt, [1, 2, 3, 4, 5, 6], prev_len=3, row=2)  # a new request over the cached 3: they lie outside its window
     assert not _held(rt, [1, 2, 3])[:, :, 0].any()
     assert torch.equal(rt.store.slot_decided[1:4], torch.full((3,), 0.5))
+
+
+def test_a_live_tau_change_reads_no_files(tmp_path):
+    """``set_threshold`` (a τ from the calibration service) once rebuilt the settings with their start-up checks,
+    which re-read the tenants file and looked for the surrogate folder: editing the file or moving the folder while
+    the server ran stopped its scheduler at the next τ change (review). A τ that is not finite in float32 is still
+    refused."""
+    from dataclasses import replace
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[tenants.acme]\nkv_budget_tokens = 64\n")
+    folder = tmp_path / "surrogate"
+    folder.mkdir()
+    rt = _runtime(window=4)
+    rt.settings = replace(rt.settings, surrogate=str(folder), tenants=str(tenants))
+    tenants.write_text("[tenants.acme]\nkv_budget_tokens = 64\nkv_budget_tokens = \"lots\"\n")  # edited, now broken
+    folder.rmdir()
+    rt.set_threshold(-3.0)
+    assert rt.settings.threshold == -3.0 and rt.settings.tenants == str(tenants)
+    with pytest.raises(KVzapConfigError, match="finite float32"):
+        rt.set_threshold(1e300)
+    assert rt.settings.threshold == -3.0

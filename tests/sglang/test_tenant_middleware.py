@@ -56,6 +56,11 @@ def test_the_key_decides_the_tenant_namespace(client):
         ({"Authorization": "Bearer not-a-key-123"}, {}, 401, "unknown API key"),
         ({}, {"extra_key": "kvzap-tenant:acme"}, 403, "tenant namespace"),
         ({}, {"extra_key": 5}, 400, "extra_key must be"),
+        ({}, {"extra_key": "kvzap-group:docs|"}, 403, "tenant namespace"),
+        # With keys configured, an Authorization header that is not "Bearer KEY" ran as the default tenant (review).
+        ({"Authorization": "Bearer\tchange-me-acme-0001"}, {}, 401, "must be 'Bearer API_KEY'"),
+        ({"Authorization": "Basic YWNtZTpzZWNyZXQ="}, {}, 401, "must be 'Bearer API_KEY'"),
+        ({"Authorization": "Bearer"}, {}, 401, "must be 'Bearer API_KEY'"),
     ],
 )
 def test_refused_identities_get_a_reason_and_never_reach_the_server(client, headers, body, status, reason):
@@ -67,6 +72,13 @@ def test_refused_identities_get_a_reason_and_never_reach_the_server(client, head
 def test_bad_json_is_a_400_and_other_paths_pass_untouched(client):
     response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "invalid JSON" in response.json()["error"]["message"]
+    # Not UTF-8 (latin-1 text, a gzip body): json.loads raised UnicodeDecodeError, a 500 (review).
+    for body in ('{"text": "café"}'.encode("latin-1"), b"\x1f\x8b\x08\x00\x00\x00\x00\x00"):
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "invalid JSON" in response.json()["error"]["message"]
+    assert client.seen == []
+    lower = client.post("/generate", json={"text": "hi"}, headers={"Authorization": "bearer  change-me-acme-0001 "})
+    assert lower.json()["extra_key"] == "kvzap-tenant:acme|"
     assert client.post("/flush_cache", headers={"X-KVzap-Tenant": "globex"}).json() == {"ok": True}
 
 
@@ -97,7 +109,11 @@ def test_only_the_middleware_may_put_a_tenant_namespace_into_extra_key(monkeypat
     acme = {"Authorization": "Bearer change-me-acme-0001"}
     assert client.post("/generate", json={"extra_key": ["u1", "u2"]}, headers=acme).status_code == 200
     forged = client.post("/v1/messages", json={"extra_key": "kvzap-tenant:acme"}, headers=acme)
-    assert forged.status_code == 400 and "tenant namespace" in forged.json()["error"]
+    assert forged.status_code == 400 and "tenant or prefix-cache group namespace" in forged.json()["error"]
+    # A group's namespace is the radix cache's own key for its tenants' prefixes: named raw on a route the middleware
+    # does not cover (SGLang's /invocations, /vertex_generate), it read the group's cache without any key (review).
+    forged = client.post("/v1/messages", json={"extra_key": "kvzap-group:docs|"})
+    assert forged.status_code == 400 and "prefix-cache group" in forged.json()["error"]
     forged = client.post("/v1/messages", json={"extra_key": ["user-1", "kvzap-tenant:acme|user-2"]})
     assert forged.status_code == 400
     assert client.post("/v1/messages", json={"extra_key": "user-1"}).status_code == 200  # a plain salt is the client's

@@ -16,6 +16,7 @@ from kvzap_sglang.plugin.server_process import kvzap_state
 pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
 
 API_KEY = "solo-test-key-1"
+ADMIN_KEY = "sglang-admin-test-key"  # --admin-api-key: required with tenants (SGLang's admin routes)
 BUDGET_TOKENS = 200
 TENANTS_TOML = f"""
 [tenants.solo]
@@ -30,7 +31,7 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory):
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.toml"
     tenants.write_text(TENANTS_TOML)
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-tenants", str(tenants),
-             "--enable-priority-scheduling", "--max-total-tokens", "4096"]  # fmt: skip
+             "--admin-api-key", ADMIN_KEY, "--enable-priority-scheduling", "--max-total-tokens", "4096"]  # fmt: skip
     with server_factory(smollm2_path, flags, deep_checks=True) as url:  # idle recount: tenant rounds lock prefixes
         yield url
 

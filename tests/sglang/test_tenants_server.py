@@ -31,6 +31,7 @@ from service.core.config import Settings
 pytestmark = pytest.mark.engine  # starts the real SGLang server: deselect with -m 'not engine'
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_KEY = "sglang-admin-test-key"  # --admin-api-key: required with tenants (SGLang's admin routes)
 MODEL, TASK, WINDOW = "smollm2-135m", "tenants-test", 16
 KEYS = {"acme": "acme-test-key-1", "keep": "keep-test-key-1", "small": "small-test-key-1", "tight": "tight-test-key-1",
         "docs-a": "docs-a-test-key", "docs-b": "docs-b-test-key", "narrow": "narrow-test-key-1",
@@ -96,7 +97,8 @@ def server(smollm2_path, server_factory, head0_surrogate, tmp_path_factory, modu
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.toml"
     tenants.write_text(TENANTS_TOML)
     flags = ["--kvzap-threshold", "0.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-window", str(WINDOW),
-             "--kvzap-tenants", str(tenants), "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
+             "--kvzap-tenants", str(tenants), "--admin-api-key", ADMIN_KEY,
+             "--kvzap-redis-url", REDIS_URL, "--kvzap-redis-prefix", module_prefix,
              "--kvzap-task", TASK, "--kvzap-model-id", MODEL, "--kvzap-tau-poll-s", "0.5",
              "--kvzap-sample-rate", "1", "--max-total-tokens", "4096",
              "--chunked-prefill-size", str(CHUNK)]  # fmt: skip
@@ -340,6 +342,23 @@ def test_put_generate_is_a_tenants_request_and_no_route_lets_a_body_name_a_tenan
                           timeout=120)  # fmt: skip
     assert served.status_code == 200, served.text
     assert tenants_state(server)["keep"]["entries_reserved"] > keep_before
+
+
+def test_routes_the_middleware_does_not_cover_reach_no_groups_cache_and_admin_routes_need_the_admin_key(server):
+    """Review findings on the real server: SGLang's /vertex_generate passes a raw extra_key, so naming a group's
+    namespace there read that group's cached prompts without any key (cached_tokens 69 of 70); and with no SGLang
+    key an anonymous /abort_request aborted a tenant's request by id."""
+    body = {"instances": [{"text": "The grass is green."}],
+            "parameters": {"extra_key": "kvzap-group:docs|", "sampling_params": {"max_new_tokens": 1}}}  # fmt: skip
+    forged = requests.post(f"{server}/vertex_generate", json=body, timeout=120)
+    assert forged.status_code == 400 and "prefix-cache group" in forged.text, forged.text
+    abort = {"rid": "someone-elses-request"}
+    assert requests.post(f"{server}/abort_request", json=abort, timeout=60).status_code == 401
+    tenant_key = {"Authorization": f"Bearer {KEYS['acme']}"}
+    assert requests.post(f"{server}/abort_request", json=abort, headers=tenant_key, timeout=60).status_code == 401
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert requests.post(f"{server}/abort_request", json=abort, headers=admin, timeout=60).status_code == 200
+    assert requests.get(f"{server}/health", timeout=60).status_code == 200
 
 
 def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(server, tokenizer):
