@@ -24,7 +24,11 @@ import numpy as np
 
 LAYOUT_ID = "bf16grid-v1"
 
-EDGES: np.ndarray = np.concatenate([np.arange(-32.0, -16.0, 1 / 8), np.arange(-16.0, 16.0 + 1 / 32, 1 / 16)])
+# Two regular grids: COARSE_STEP from COARSE_START up to FINE_START, then FINE_STEP up to FINE_END (inclusive).
+COARSE_START, COARSE_STEP, FINE_START, FINE_STEP, FINE_END = -32.0, 1 / 8, -16.0, 1 / 16, 16.0
+EDGES: np.ndarray = np.concatenate([np.arange(COARSE_START, FINE_START, COARSE_STEP),
+                                    np.arange(FINE_START, FINE_END + FINE_STEP / 2, FINE_STEP)])  # fmt: skip
+NUM_COARSE_EDGES = int(round((FINE_START - COARSE_START) / COARSE_STEP))  # EDGES[NUM_COARSE_EDGES] == FINE_START
 EDGES.setflags(write=False)
 NUM_EDGES = len(EDGES)  # 641 candidate thresholds
 NUM_BUCKETS = NUM_EDGES + 1  # + underflow and overflow

@@ -103,6 +103,28 @@ def summarize(
         raise ValueError("scores have no tokens: a request without tokens has no removed fraction; skip it")
     eligible = scores[..., : max(num_tokens - window, 0)]
     dense = np.bincount(bucket_index(eligible).ravel(), minlength=NUM_BUCKETS)
+    return summary_from_counts(dense, num_layers, num_kv_heads, num_tokens, window, model=model, task=task,
+                               tenant=tenant, timestamp=timestamp)  # fmt: skip
+
+
+def summary_from_counts(
+    dense: np.ndarray,
+    num_layers: int,
+    num_kv_heads: int,
+    num_tokens: int,
+    window: int,
+    *,
+    model: str,
+    task: str,
+    tenant: str | None = None,
+    timestamp: float | None = None,
+) -> ScoreSummary:
+    """The summary of a request whose eligible entries (those outside its window) fill the ``[NUM_BUCKETS]``
+    histogram ``dense`` (``bins.bucket_index`` semantics), for callers that count them their own way (the plugin
+    counts with torch where the scores are)."""
+    dense = np.asarray(dense)
+    if dense.shape != (NUM_BUCKETS,):
+        raise ValueError(f"counts must be [{NUM_BUCKETS}] (bins.NUM_BUCKETS), got shape {dense.shape}")
     (buckets,) = np.nonzero(dense)
     return ScoreSummary(
         model=model,

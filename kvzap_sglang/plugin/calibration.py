@@ -281,7 +281,7 @@ class CalibrationLink:
         from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-        from calibrator.summary import summarize
+        from calibrator.summary import summary_from_counts
 
         if not req.finished() or isinstance(req.finished_reason, FINISH_ABORT):
             return  # retracted or aborted: its scores are not a finished request's traffic
@@ -299,13 +299,9 @@ class CalibrationLink:
         if rt.tenants is not None:  # the tenant the request ran as, at the window its entries were decided with
             t = rt.tenants.index_of_request(req)
             tenant, window = rt.tenants.names[t], rt.tenants.windows[t]
-        summary = summarize(
-            scores.permute(1, 2, 0).float().cpu().numpy(),  # [L, H, T]; NaN (unscored) is kept, as by the policy
-            window,
-            model=self.model_id,
-            task=self.settings.task,
-            tenant=tenant,
-        )
+        eligible = scores[: max(tokens - window, 0)]  # [T - window, L, H]: the entries outside the request's window
+        summary = summary_from_counts(bucket_counts(eligible), scores.shape[1], scores.shape[2], tokens, window,
+                                      model=self.model_id, task=self.settings.task, tenant=tenant)  # fmt: skip
         self.sink.offer(summary)
 
     def snapshot(self, rt: runtime.KvzapRuntime | None) -> dict:
@@ -326,6 +322,35 @@ class CalibrationLink:
             "samples": asdict(self.sink.counters) | {"errors": self.sample_errors, "last_error": self.last_error},
         } | ({"tenants": {name: _watcher_state(w) for name, w in self.tenant_watchers.items()}}
              if self.tenant_watchers else {})  # fmt: skip
+
+
+def bucket_counts(scores):
+    """``[NUM_BUCKETS]`` int64 histogram of ``scores`` (any shape, float32 or bf16, on the store's device) in the
+    calibrator's bin layout: exactly what ``calibrator.summary.summarize`` counts with numpy, counted with torch where
+    the scores are. This runs on the scheduler thread for every sampled request; the numpy path (a float64 copy and
+    a binary search per entry) took 136 ms at 32k tokens × 90 (layer, head) entries (``benchmarks/summary_cost.py``).
+
+    The layout is two regular grids (1/8 below -16, 1/16 up to 16: ``calibrator/bins.py``), so an entry's bucket
+    ``#{edges <= s}`` is arithmetic; float32 rounding can put it one off near an edge, which one comparison with the
+    edge on each side corrects (every edge is exact in float32)."""
+    import numpy as np
+    import torch
+
+    from calibrator import bins
+
+    values = scores.reshape(-1).float()
+    unscored = torch.isnan(values)  # kept, never removed: the overflow bucket
+    values = values.masked_fill(unscored, 0.0)
+    grid = torch.where(values < bins.FINE_START, (values - bins.COARSE_START) / bins.COARSE_STEP,
+                         (values - bins.FINE_START) / bins.FINE_STEP + bins.NUM_COARSE_EDGES)  # fmt: skip
+    count = (grid.floor() + 1).clamp(0, bins.NUM_EDGES).long()  # ≈ #{edges <= s}: the grid index of s, plus 1
+    bounds = torch.empty(bins.NUM_EDGES + 2, dtype=torch.float32, device=values.device)
+    bounds[0], bounds[-1] = float("-inf"), float("nan")  # bounds[i] = EDGES[i - 1]; NaN compares false
+    bounds[1:-1] = torch.from_numpy(bins.EDGES.astype(np.float32)).to(values.device)
+    count -= (bounds[count] > values).long()  # one too many: the edge below it lies above s
+    count += (bounds[count + 1] <= values).long()  # one too few: the next edge is <= s
+    count = count.masked_fill(unscored, bins.OVERFLOW_BUCKET)
+    return torch.bincount(count, minlength=bins.NUM_BUCKETS).cpu().numpy()
 
 
 def _watcher_state(watcher) -> dict:

@@ -277,6 +277,29 @@ def set_tau(redis_client, prefix: str, tau: float) -> None:
     ThresholdStore(redis_client, prefix).put(ThresholdRecord(model=MODEL, task=TASK, tau=tau, source="manual"))
 
 
+def test_the_plugins_torch_histogram_is_the_calibrators_exactly():
+    """The plugin counts a request's scores with torch (``bucket_counts``) instead of ``summarize``'s numpy path;
+    both must put every score, on an edge, next to one, out of range, infinite or NaN, in the same bucket."""
+    import numpy as np
+    import torch
+
+    from calibrator.bins import EDGES
+    from calibrator.summary import summarize
+    from kvzap_sglang.plugin.calibration import bucket_counts
+
+    edges = torch.as_tensor(EDGES, dtype=torch.float32)
+    special = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, -np.inf)),
+                         torch.nextafter(edges, torch.full_like(edges, np.inf)),
+                         torch.tensor([-1e30, -33.0, 17.0, 1e30, -np.inf, np.inf, np.nan, -0.0, 0.0])])  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        noise = (torch.randn(4000, generator=generator) * 12 - 4).to(dtype)
+        values = torch.cat([special.to(dtype), noise])
+        scores = values[: len(values) // 6 * 6].reshape(-1, 2, 3)  # [T, L, H], as the store keeps them
+        reference = summarize(scores.permute(1, 2, 0).float().numpy(), 0, model="m", task="t").dense_counts()
+        assert np.array_equal(bucket_counts(scores), reference), dtype
+
+
 def test_finished_requests_are_summarised_into_redis_matching_meta_info(loop, prompts, redis_client):
     url, _, prefix = loop
     assert state(url)["tau"] == TAU_START
