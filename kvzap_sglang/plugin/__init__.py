@@ -70,6 +70,9 @@ def _register_startup_hooks(HookRegistry, HookType) -> None:
         reporting.unwrap_meta_info,
         HookType.AROUND,
     )
+    HookRegistry.register(  # HTTP process: /server_info never shows SGLang's keys while KVzap is on
+        "sglang.srt.utils.common.build_server_info", reporting.redact_server_info_secrets, HookType.AFTER
+    )
     HookRegistry.register(  # HTTP process; checks only while KVzap is on (the launcher exports its settings)
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
         prompt_checks.refuse_crashing_prompts,

@@ -20,10 +20,12 @@ Server-wide totals (``KvzapRuntime.snapshot``) go to ``/server_info`` (``interna
 from __future__ import annotations
 
 import os
+import re
 
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
 from kvzap_sglang.plugin import runtime
+from kvzap_sglang.plugin.settings import kvzap_enabled
 
 META_KEY = "kvzap"
 FIGURES_ATTR = "kvzap_figures"  # on SGLang's Req: a table by request id kept the figures of requests never streamed
@@ -76,9 +78,35 @@ def unwrap_meta_info(original, self, meta_info, state, customized_info, index, f
     return result
 
 
+# ServerArgs fields SGLang 0.5.23's /server_info returns in plain text, and the flags that set them (its
+# launch_command echoes argv). /server_info is open whenever no --api-key is set, which is the case with tenants
+# (their keys replace it) — and tenants require --admin-api-key, so it would be served to every client.
+SECRET_FIELDS = ("api_key", "admin_api_key", "ssl_keyfile_password")
+_SECRET_FLAGS = re.compile(r"(--(?:admin-api-key|api-key|ssl-keyfile-password)(?:=|\s+))(\S+)")
+REDACTED = "<redacted>"
+
+
+def redact_server_info_secrets(info, *args, **kwargs):
+    """AFTER ``build_server_info`` (the body of ``/server_info``): SGLang's keys become ``<redacted>`` while KVzap is
+    on. Stock SGLang served ``admin_api_key`` to anyone who could read ``/server_info``."""
+    if kvzap_enabled() and isinstance(info, dict):
+        redact_secrets(info)
+    return None
+
+
+def redact_secrets(info: dict) -> None:
+    """SGLang's keys in a server-args dict (``/server_info``'s body, a scheduler's internal state) → ``<redacted>``."""
+    for name in SECRET_FIELDS:
+        if info.get(name):
+            info[name] = REDACTED
+    if isinstance(info.get("launch_command"), str):
+        info["launch_command"] = _SECRET_FLAGS.sub(rf"\1{REDACTED}", info["launch_command"])
+
+
 def add_internal_state(original, self, *args, **kwargs):
-    """AROUND ``Scheduler.get_internal_state``: server-wide KVzap totals under ``"kvzap"``."""
+    """AROUND ``Scheduler.get_internal_state``: server-wide KVzap totals under ``"kvzap"``, SGLang's keys redacted."""
     output = original(self, *args, **kwargs)
+    redact_secrets(output.internal_state)  # it repeats the server args: /server_info's internal_states
     rt = runtime.current()
     if rt is not None:
         state = rt.snapshot()

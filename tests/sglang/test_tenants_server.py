@@ -359,6 +359,10 @@ def test_routes_the_middleware_does_not_cover_reach_no_groups_cache_and_admin_ro
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     assert requests.post(f"{server}/abort_request", json=abort, headers=admin, timeout=60).status_code == 200
     assert requests.get(f"{server}/health", timeout=60).status_code == 200
+    # SGLang's /server_info (open: tenants replace --api-key) listed admin_api_key and the launch command verbatim.
+    info = requests.get(f"{server}/server_info", timeout=60)
+    assert info.status_code == 200 and ADMIN_KEY not in info.text
+    assert info.json()["admin_api_key"] == "<redacted>" and "--admin-api-key <redacted>" in info.json()["launch_command"]
 
 
 def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(server, tokenizer):
