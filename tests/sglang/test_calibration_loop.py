@@ -287,7 +287,7 @@ def test_the_plugins_torch_histogram_is_the_calibrators_exactly():
     from calibrator.summary import summarize
     from kvzap_sglang.plugin.calibration import bucket_counts
 
-    edges = torch.as_tensor(EDGES, dtype=torch.float32)
+    edges = torch.from_numpy(EDGES.astype(np.float32))  # a copy: EDGES is read-only
     special = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, -np.inf)),
                          torch.nextafter(edges, torch.full_like(edges, np.inf)),
                          torch.tensor([-1e30, -33.0, 17.0, 1e30, -np.inf, np.inf, np.nan, -0.0, 0.0])])  # fmt: skip
