@@ -333,7 +333,6 @@ def bucket_counts(scores):
     The layout is two regular grids (1/8 below -16, 1/16 up to 16: ``calibrator/bins.py``), so an entry's bucket
     ``#{edges <= s}`` is arithmetic; float32 rounding can put it one off near an edge, which one comparison with the
     edge on each side corrects (every edge is exact in float32)."""
-    import numpy as np
     import torch
 
     from calibrator import bins
@@ -346,7 +345,7 @@ def bucket_counts(scores):
     count = (grid.floor() + 1).clamp(0, bins.NUM_EDGES).long()  # ≈ #{edges <= s}: the grid index of s, plus 1
     bounds = torch.empty(bins.NUM_EDGES + 2, dtype=torch.float32, device=values.device)
     bounds[0], bounds[-1] = float("-inf"), float("nan")  # bounds[i] = EDGES[i - 1]; NaN compares false
-    bounds[1:-1] = torch.from_numpy(bins.EDGES.astype(np.float32)).to(values.device)
+    bounds[1:-1] = torch.tensor(bins.EDGES, dtype=torch.float32)
     count -= (bounds[count] > values).long()  # one too many: the edge below it lies above s
     count += (bounds[count + 1] <= values).long()  # one too few: the next edge is <= s
     count = count.masked_fill(unscored, bins.OVERFLOW_BUCKET)

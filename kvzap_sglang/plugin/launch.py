@@ -36,9 +36,11 @@ REQUIRED_SERVER_ARGS = {"disable_overlap_schedule": True}
 RADIX_CACHE_BACKEND = "kvzap"  # radix_cache.BACKEND_NAME (not imported: that module imports SGLang's tree)
 
 
-def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> dict[str, Any]:
+def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any],
+                   serves_http: bool = False) -> dict[str, Any]:
     """Validate ``settings`` for a server configured with ``server_values`` (ServerArgs field → value), export them,
-    and return the ServerArgs overrides KVzap needs.
+    and return the ServerArgs overrides KVzap needs. ``serves_http``: the CLI's HTTP server (``sglang.Engine`` is
+    not one), whose admin routes tenants need guarded (``refuse_open_admin_routes``).
 
     Raises:
         KVzapConfigError: with the reason, before any process is started.
@@ -85,6 +87,8 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any]) -> di
     tenants = settings.tenants_config()
     if tenants is not None and server_values.get("api_key"):
         raise KVzapConfigError("--kvzap-tenants brings per-tenant API keys; drop --api-key")
+    if tenants is not None and serves_http:
+        refuse_open_admin_routes(tenants, server_values.get("admin_api_key"))
     overrides = {**REQUIRED_SERVER_ARGS, "attention_backend": "torch_native"}
     if not server_values.get("disable_radix_cache"):
         overrides["radix_cache_backend"] = RADIX_CACHE_BACKEND
@@ -169,17 +173,13 @@ def refuse_flags_without_threshold(given: dict[str, Any]) -> None:
         raise KVzapConfigError(f"{', '.join(names)} only apply with KVzap on: add --kvzap-threshold TAU")
 
 
-def refuse_open_admin_routes(settings: KVzapSettings, server_values: dict[str, Any]) -> None:
+def refuse_open_admin_routes(tenants, admin_key: str | None) -> None:
     """An HTTP server with tenants needs ``--admin-api-key``. Without any key SGLang serves its admin routes
     (``/abort_request``, ``/flush_cache``, ``/pause_generation``, weight and LoRA updates, ...) to every client, so
     one tenant could abort another's requests by id or flush every tenant's cached prefixes; ``--api-key`` is refused
     with tenants (their keys replace it), which left nothing guarding those routes. With an admin key they ask for
     ``Authorization: Bearer ADMIN_KEY`` and the generation routes stay the tenants'. (``sglang.Engine`` serves no
-    HTTP: not checked there.)"""
-    tenants = settings.tenants_config()
-    if tenants is None:
-        return
-    admin_key = server_values.get("admin_api_key")
+    HTTP: not checked there.) ``tenants``: the parsed tenants file."""
     if not admin_key:
         raise KVzapConfigError(
             "--kvzap-tenants needs --admin-api-key KEY: without one SGLang serves its admin routes (/abort_request, "
@@ -205,8 +205,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
             settings = KVzapSettings(threshold, args.kvzap_surrogate or DEFAULT_SURROGATE,
                                      DEFAULT_WINDOW if args.kvzap_window is None else args.kvzap_window,
                                      not args.kvzap_no_decode, args.kvzap_tenants)  # fmt: skip
-        refuse_open_admin_routes(settings, vars(args))
-        overrides = prepare_launch(settings, vars(args))
+        overrides = prepare_launch(settings, vars(args), serves_http=True)
     except KVzapConfigError as error:
         print(f"sglang: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
