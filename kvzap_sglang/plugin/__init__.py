@@ -101,6 +101,9 @@ def _register_serving_hooks(HookRegistry, HookType) -> None:
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state", reporting.add_internal_state, HookType.AROUND
     )
     HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.send_abort_output", reporting.count_scheduler_abort, HookType.AROUND
+    )
+    HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", hooks.admission, HookType.AROUND
     )
     HookRegistry.register(

@@ -128,6 +128,7 @@ class KvzapSlotAllocator(TokenToKVPoolAllocator):
         self.free_group = None
         self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.store.free_slots(self.free_pages)  # every slot: cells, tags and decisions (flush_cache, start-up)
+        runtime.notify_cells_released()
 
     def free_slot_count(self) -> int:
         return len(self.free_pages) + len(self.release_pages)

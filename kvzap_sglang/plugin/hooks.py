@@ -25,6 +25,8 @@ from kvzap_sglang.plugin.cell_pool import KvzapCellPool, KvzapSlotAllocator
 from kvzap_sglang.plugin.settings import KVzapSettings
 from kvzap_sglang.plugin.tenants import admit_within_budgets
 
+METRICS_REFRESH_S = 1.0  # the kvzap_* gauges between request ends, from the scheduler loop
+
 ATTENTION_MODULES = (
     "sglang.srt.models.llama.LlamaAttention.forward",
     "sglang.srt.models.qwen2.Qwen2Attention.forward",
@@ -68,6 +70,11 @@ def release(original, req, tree_cache, *args, **kwargs):
     if rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None:
         reporting.record_release(rt, req, tree_cache)  # first: figures of the cells as the request held them
         rt.release_row(kv.req_pool_idx, tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx])
+        result = original(req, tree_cache, *args, **kwargs)
+        # With the radix cache the request's cells go to the tree, not back to the pool: no free refreshes the
+        # gauges, so /metrics showed no kvzap_* line at all (review).
+        runtime.notify_cells_released()
+        return result
     return original(req, tree_cache, *args, **kwargs)
 
 
@@ -83,6 +90,8 @@ def admission(original, scheduler, running_batch, *args, **kwargs):
     waiting prompt (a necessary condition; SGLang's adder still decides).
     """
     rt = runtime.current()
+    if rt is not None:
+        reporting.metrics.update_at_most_every(rt, METRICS_REFRESH_S)  # pruning in long decodes frees no slot
     if rt is not None and running_batch.batch_is_full and _room_for_a_waiting_request(rt, scheduler):
         running_batch.batch_is_full = False
         rt.admissions_reopened += 1

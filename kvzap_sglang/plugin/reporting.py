@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
@@ -29,6 +30,7 @@ from kvzap_sglang.plugin.settings import kvzap_enabled
 
 META_KEY = "kvzap"
 FIGURES_ATTR = "kvzap_figures"  # on SGLang's Req: a table by request id kept the figures of requests never streamed
+ENDED_ATTR = "kvzap_ended"  # on SGLang's Req: already counted in requests_finished
 
 
 def record_release(rt: runtime.KvzapRuntime, req, tree_cache) -> None:
@@ -45,7 +47,26 @@ def record_release(rt: runtime.KvzapRuntime, req, tree_cache) -> None:
         "tokens": tokens,
     })  # fmt: skip
     if req.finished():
+        count_request_end(rt, req)
+
+
+def count_request_end(rt: runtime.KvzapRuntime, req) -> None:
+    """``requests_finished`` counts every request the scheduler ends, once: through the output stream (finished,
+    or aborted while it ran: released finished) or through ``send_abort_output`` (aborted while queued, part-way
+    through a chunked prefill, or by ``retract_decode``), a path that releases first and never finishes the request."""
+    if not getattr(req, ENDED_ATTR, False):
+        setattr(req, ENDED_ATTR, True)
         rt.totals.requests_finished += 1
+
+
+def count_scheduler_abort(original, self, abort_req, req, *args, **kwargs):
+    """AROUND ``Scheduler.send_abort_output``: the requests the scheduler ends outside the output stream. They get
+    no ``meta_info["kvzap"]`` (SGLang's abort message carries no customized info) but are counted."""
+    rt = runtime.current()
+    if rt is not None and req is not None:
+        count_request_end(rt, req)
+        metrics.update(rt)
+    return original(self, abort_req, req, *args, **kwargs)
 
 
 class KvzapOutputStreamer(SchedulerOutputStreamer):
@@ -131,8 +152,14 @@ class _Metrics:
 
     def __init__(self) -> None:
         self._gauges = None
+        self._updated_at = 0.0
+
+    def update_at_most_every(self, rt: runtime.KvzapRuntime, seconds: float) -> None:
+        if time.monotonic() - self._updated_at >= seconds:
+            self.update(rt)
 
     def update(self, rt: runtime.KvzapRuntime) -> None:
+        self._updated_at = time.monotonic()
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return  # metrics off: SGLang's /metrics reads the multiprocess directory only
         if self._gauges is None:
@@ -144,7 +171,7 @@ class _Metrics:
                 "entries_reserved": "Cells taken by token slots since start-up",
                 "entries_pruned": "Cells freed by KVzap decisions since start-up",
                 "removed_fraction": "entries_pruned / entries_reserved since start-up",
-                "requests_finished": "Requests finished with KVzap on",
+                "requests_finished": "Requests the scheduler ended (finished or aborted) with KVzap on",
             }
             self._gauges = {k: Gauge(f"kvzap_{k}", doc, multiprocess_mode="mostrecent") for k, doc in names.items()}
         snapshot = rt.snapshot()
@@ -180,6 +207,6 @@ class _Metrics:
 
 
 metrics = _Metrics()
-# Every slot free (finish, abort, retraction, over-allocated tail) refreshes the gauges, so /metrics reads 0 cells
-# in use once the server is idle.
+# Every slot free (finish, abort, retraction, over-allocated tail), request end and flush refreshes the gauges, so
+# /metrics reads the idle figures once the server is idle (hooks.release, KvzapSlotAllocator.free/clear).
 runtime.cells_released_listeners.append(metrics.update)

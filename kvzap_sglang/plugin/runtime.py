@@ -48,7 +48,7 @@ class Totals:
 
     entries_reserved: int = 0  # cells taken by token slots
     entries_pruned: int = 0  # cells freed by KVzap decisions
-    requests_finished: int = 0
+    requests_finished: int = 0  # requests the scheduler ended, finished or aborted (reporting.count_request_end)
 
 
 @dataclass
@@ -212,7 +212,8 @@ class KvzapRuntime:
 
 
 _runtime: KvzapRuntime | None = None
-# Called with the runtime whenever cells are given back in bulk (slot frees); reporting's gauges subscribe here.
+# Called with the runtime whenever cells are given back in bulk (slot frees, a flush) or a request gives its row back;
+# reporting's gauges subscribe here.
 cells_released_listeners: list = []
 
 

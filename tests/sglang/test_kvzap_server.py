@@ -158,6 +158,7 @@ def test_prompt_embeddings_are_served(server):
 def test_stress_mixed_requests_with_aborts_return_every_cell(server):
     rng = random.Random(0)
     seeds = [rng.randint(0, 10**6) for _ in range(200)]
+    ended_before = kvzap_state(server)["requests_finished"]
     with ThreadPoolExecutor(max_workers=32) as pool:
         reasons = list(pool.map(lambda i: _stress_request(server, i, random.Random(seeds[i])), range(200)))
     assert len(reasons) == 200
@@ -166,6 +167,9 @@ def test_stress_mixed_requests_with_aborts_return_every_cell(server):
     while (state := kvzap_state(server))["cells_in_use"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert state["cells_in_use"] == 0
+    # Every request counted once, however it ended: requests aborted while queued or mid-prefill end through
+    # send_abort_output, outside the output stream, and went uncounted.
+    assert state["requests_finished"] - ended_before == 200
     assert state["entries_pruned"] > 0
     assert requests.get(f"{server}/health", timeout=30).status_code == 200  # scheduler's idle invariant held
     metrics = requests.get(f"{server}/metrics", timeout=30).text

@@ -48,7 +48,7 @@ def chat_ids(tokenizer, messages: list[dict], answer_prefix: str = "") -> list[i
 @pytest.fixture(scope="module")
 def mlp_server(smollm2_path, server_factory):
     """The bundled MLP surrogate at its default τ (≈ 50 % of entries removed), window 128, radix cache on."""
-    flags = ["--kvzap-threshold", "-4.3", "--kvzap-surrogate", "mlp", "--max-total-tokens", "16384"]
+    flags = ["--kvzap-threshold", "-4.3", "--kvzap-surrogate", "mlp", "--max-total-tokens", "16384", "--enable-metrics"]
     with server_factory(smollm2_path, flags) as url:
         yield url
 
@@ -116,3 +116,25 @@ def test_a_cumulative_stream_reports_the_figures_once_on_its_last_chunk(mlp_serv
     figures = chunks[-1]["meta_info"]["kvzap"]
     assert set(figures) == {"removed_fraction", "cells_held", "cells_full", "tokens"}
     assert figures["tokens"] >= chunks[-1]["meta_info"]["prompt_tokens"] and figures["cells_full"] == figures["tokens"] * 90
+
+
+def _gauges(url: str) -> dict[str, float]:
+    lines = requests.get(f"{url}/metrics", timeout=60).text.splitlines()
+    return {line.split()[0]: float(line.split()[-1]) for line in lines if line.startswith("kvzap_")}
+
+
+def test_metrics_follow_the_server_with_the_radix_cache_on(mlp_server):
+    """The gauges were refreshed only when slots went back to the pool; with the radix cache on, finished requests go
+    to the tree, so /metrics had no kvzap_* line at all, and a flush did not refresh them either (review)."""
+    body = {"text": "<|im_start|>user\nName four animals.<|im_end|>\n<|im_start|>assistant\n",
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}}  # fmt: skip
+    assert requests.post(f"{mlp_server}/generate", json=body, timeout=300).status_code == 200
+    state = wait_until_idle(mlp_server)
+    gauges = _gauges(mlp_server)
+    assert gauges["kvzap_cells_in_use"] == state["cells_in_use"] > 0  # the cached prefixes
+    assert gauges["kvzap_requests_finished"] == state["requests_finished"] >= 1
+    assert requests.post(f"{mlp_server}/flush_cache", timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while _gauges(mlp_server)["kvzap_cells_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _gauges(mlp_server)["kvzap_cells_in_use"] == 0 == kvzap_state(mlp_server)["cells_in_use"]
