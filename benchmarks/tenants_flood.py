@@ -43,6 +43,7 @@ from kvzap_sglang.models import resolve_model_path
 from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 KEYS = {"big": "bench-big-key-1", "small": "bench-small-key-1"}
+ADMIN_KEY = secrets.token_urlsafe(16)  # --admin-api-key: required with tenants, and it unlocks per-tenant figures
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 PHASES = ("alone", "steady", "flood")
 
@@ -80,7 +81,7 @@ def run_clients(url: str, tenant: str, clients: int, count: int, seed: int, args
 
 
 def tenant_state(url: str) -> dict:
-    return kvzap_state(url)["tenants"]
+    return kvzap_state(url, api_key=ADMIN_KEY)["tenants"]
 
 
 def run_phase(url: str, phase: str, small_clients: int, seed: int, args, now: dict) -> dict:
@@ -182,7 +183,7 @@ def main() -> None:
 
     flags = [*SERVER_FLAGS, "--max-total-tokens", "16384", "--kvzap-threshold", str(args.threshold),
              "--kvzap-surrogate", args.surrogate, "--kvzap-tenants", str(write_tenants_file(args)),
-             "--admin-api-key", secrets.token_urlsafe(16)]  # required with tenants; this run uses no admin route
+             "--admin-api-key", ADMIN_KEY]  # required with tenants; it also unlocks the per-tenant figures
     with launched_server(resolve_model_path(args.model), flags) as url:
         _, meta = request(url, "small", random.Random(0), args)  # warm-up
         worst_case = meta["prompt_tokens"] + args.new_tokens

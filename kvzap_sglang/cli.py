@@ -15,6 +15,7 @@ from kvzap_sglang.models import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 TASK_CHOICES = ("retrieval", "prose", "code")
 SURROGATE_KINDS = ("linear", "mlp")
 DTYPES = ("float32", "bfloat16")
+ADMIN_KEY_ENV = "KVZAP_ADMIN_API_KEY"  # `status`: the server's --admin-api-key, read from the environment, not argv
 
 
 class UsageError(Exception):
@@ -214,7 +215,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from kvzap_sglang.plugin.server_process import kvzap_state
 
     try:
-        state = kvzap_state(args.url, timeout_s=args.timeout)
+        state = kvzap_state(args.url, timeout_s=args.timeout, api_key=args.admin_api_key)
     except requests.RequestException as error:
         print(f"error: cannot read {args.url}/server_info: {error}", file=sys.stderr)
         return 1
@@ -236,11 +237,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             base = t.get("threshold_base", t["threshold"])
             print(f"{name:<16} {t['threshold']:>7.3f} {base:>7.3f} {t['window']:>6} {t['cells_held']:>10} {budget:>10} "
                   f"{t['queued_requests']:>6} {t.get('refused_requests', 0):>7} {t['removed_fraction']:>7.3f}")  # fmt: skip
+    elif state.get("tenants_hidden"):
+        print(f"tenants: hidden without the admin key (--admin-api-key or ${ADMIN_KEY_ENV})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvzap-sglang", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kvzap-sglang", description=__doc__.replace("``", ""))  # no RST markup
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="embedded models").add_subparsers(dest="model_command", required=True)
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the SGLang server (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--timeout", type=_seconds, default=10.0, help="seconds (default %(default)s)")
+    status.add_argument("--admin-api-key", default=os.environ.get(ADMIN_KEY_ENV) or None,
+                        help=f"the server's --admin-api-key: with --kvzap-tenants, per-tenant figures are shown to it "
+                             f"only (default: ${ADMIN_KEY_ENV}, which keeps the key out of ps)")  # fmt: skip
     status.set_defaults(handler=_cmd_status)
     return parser
 

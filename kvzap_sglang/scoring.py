@@ -40,10 +40,19 @@ def load_reference_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16)
 
     from kvzap_sglang.models import resolve_model_path
 
+    from safetensors import SafetensorError
+
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    except (OSError, RuntimeError, KeyError, SafetensorError) as error:  # truncated or foreign weights, no tokenizer
+        raise ModelLoadError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
     return ReferenceModel(model=model, tokenizer=tokenizer, path=path)
+
+
+class ModelLoadError(ValueError):
+    """A model folder whose weights or tokenizer cannot be loaded (a ValueError: the CLI's "bad input", exit 2)."""
 
 
 def score_tokens(model: nn.Module, surrogate: KVzapSurrogate, input_ids: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from kvzap_sglang.plugin.settings import (
     KVzapConfigError,
     KVzapSettings,
     clear_calibration_env,
+    parse_number,
     read_at_plugin_load,
 )
 
@@ -107,20 +108,6 @@ def export(settings: CalibrationSettings) -> None:
     os.environ.update(settings.to_env())
 
 
-def _probability(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
-
-
 def add_cli_args(result, parser: argparse.ArgumentParser):
     """AFTER ``ServerArgs.add_cli_args``: the calibration flags (all default to None = "not given")."""
     group = parser.add_argument_group("KVzap calibration (kvzap-sglang plugin; needs --kvzap-threshold)")
@@ -129,12 +116,13 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
                             "for (model, task). Env: KVZAP_REDIS_URL.")
     group.add_argument("--kvzap-redis-prefix", default=None, metavar="PREFIX",
                        help="Key prefix shared with the service (default kvzap:).")
-    group.add_argument("--kvzap-sample-rate", type=_probability, default=None, metavar="P",
+    # Numbers are read in check_cli_args, not by argparse (type=): its error came after SGLang's ~490-line usage.
+    group.add_argument("--kvzap-sample-rate", default=None, metavar="P",
                        help="Fraction of finished requests whose score summary is sampled (default 0.25; 0 = none).")
     group.add_argument("--kvzap-task", default=None, metavar="LABEL", help="Task label of this server's traffic.")
     group.add_argument("--kvzap-model-id", default=None, metavar="ID",
                        help="Model id for calibration (default: basename of --model-path).")
-    group.add_argument("--kvzap-tau-poll-s", type=_seconds, default=None, metavar="S",
+    group.add_argument("--kvzap-tau-poll-s", default=None, metavar="S",
                        help="Seconds between polls of the stored τ (default 2).")  # fmt: skip
     return result
 
@@ -143,6 +131,8 @@ def check_cli_args(cls, args: argparse.Namespace):
     """BEFORE ``ServerArgs.from_cli_args``: validate and export the calibration flags (exit 2 on a bad one)."""
     given = {name: getattr(args, f"kvzap_{name}", None) for name in FIELDS}
     try:
+        given["sample_rate"] = parse_number(given.get("sample_rate"), "sample rate (--kvzap-sample-rate)")
+        given["tau_poll_s"] = parse_number(given.get("tau_poll_s"), "tau poll interval (--kvzap-tau-poll-s)")
         kvzap_on = getattr(args, "kvzap_threshold", None) is not None or bool(os.environ.get(ENV_THRESHOLD, "").strip())
         settings = launch_settings(kvzap_on, given, args.model_path)  # no flag: the KVZAP_* env decides, as in launch
     except KVzapConfigError as error:

@@ -13,6 +13,7 @@ served model (surrogate dims) and the server configuration KVzap supports, expor
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 from typing import Any
@@ -48,6 +49,11 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any],
     device = server_values.get("device")
     if device not in (None, "cpu"):
         raise KVzapConfigError(f"KVzap's attention path runs on CPU in this version (device={device!r}); GPU: issue #7")
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        # SGLang 0.5.23 reads it when its modules load; without it the scheduler died on "No module named 'vllm'"
+        # after the start-up had begun (review: the README's command, as written, did that).
+        raise KVzapConfigError("KVzap serves on SGLang's CPU engine in this version: start with "
+                               "SGLANG_USE_CPU_ENGINE=1 in the environment (SGLang reads it as it loads)")
     if server_values.get("attention_backend") not in (None, "torch_native"):
         raise KVzapConfigError(
             f"KVzap replaces the torch_native attention backend; got --attention-backend "
@@ -97,7 +103,8 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any],
     if tenants is not None:
         from kvzap_sglang.plugin.tenants import install_http_middleware
 
-        install_http_middleware(tenants)  # tenant identity on the HTTP edge (no effect for sglang.Engine)
+        # Tenant identity on the HTTP edge (no effect for sglang.Engine); the admin key unlocks per-tenant figures.
+        install_http_middleware(tenants, server_values.get("admin_api_key"))
     return overrides
 
 
@@ -133,30 +140,17 @@ def _refuse_unsupported_layouts(server_values: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- CLI (python -m sglang.launch_server)
 
 
-def _threshold_arg(text: str) -> float:
-    try:
-        return parse_threshold(text)
-    except KVzapConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _window_arg(text: str) -> int:
-    try:
-        return parse_window(text)
-    except KVzapConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_cli_args(original, parser: argparse.ArgumentParser):
-    """AROUND ``ServerArgs.add_cli_args``: SGLang's flags, then KVzap's (argparse exits 2 on a malformed value)."""
+    """AROUND ``ServerArgs.add_cli_args``: SGLang's flags, then KVzap's. Their values are read in ``from_cli_args``
+    (one ``sglang: error:`` line); argparse's own error for a ``type=`` came after SGLang's ~490-line usage."""
     result = original(parser)
     group = parser.add_argument_group("KVzap (kvzap-sglang plugin)")
-    group.add_argument("--kvzap-threshold", type=_threshold_arg, default=None, metavar="TAU",
+    group.add_argument("--kvzap-threshold", default=None, metavar="TAU",
                        help="Enable KVzap: drop KV entries whose surrogate log-score is < TAU outside the window.")
     group.add_argument("--kvzap-surrogate", default=None, metavar="linear|mlp|PATH",
                        help=f"Surrogate: the bundled linear/mlp checkpoint for the served model, or a folder "
                             f"(default {DEFAULT_SURROGATE}).")
-    group.add_argument("--kvzap-window", type=_window_arg, default=None, metavar="N",
+    group.add_argument("--kvzap-window", default=None, metavar="N",
                        help=f"Most recent tokens per request that are never pruned (default {DEFAULT_WINDOW}).")
     group.add_argument("--kvzap-no-decode", action="store_true",
                        help="Do not score tokens generated during decode (they are kept).")
@@ -194,8 +188,10 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     """AROUND ``ServerArgs.from_cli_args``: validate and export the KVzap flags, apply KVzap's required values."""
     threshold = getattr(args, "kvzap_threshold", None)
     try:
+        threshold = None if threshold is None else parse_threshold(threshold)
+        window = None if args.kvzap_window is None else parse_window(args.kvzap_window)
         if threshold is None:  # no flag: the KVZAP_* environment (the documented config) decides
-            refuse_flags_without_threshold({"surrogate": args.kvzap_surrogate, "window": args.kvzap_window,
+            refuse_flags_without_threshold({"surrogate": args.kvzap_surrogate, "window": window,
                                             "no_decode": args.kvzap_no_decode or None,
                                             "tenants": args.kvzap_tenants})  # fmt: skip
             settings = KVzapSettings.from_env()
@@ -203,7 +199,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                 return original(cls, args)
         else:
             settings = KVzapSettings(threshold, args.kvzap_surrogate or DEFAULT_SURROGATE,
-                                     DEFAULT_WINDOW if args.kvzap_window is None else args.kvzap_window,
+                                     DEFAULT_WINDOW if window is None else window,
                                      not args.kvzap_no_decode, args.kvzap_tenants)  # fmt: skip
         overrides = prepare_launch(settings, vars(args), serves_http=True)
     except KVzapConfigError as error:

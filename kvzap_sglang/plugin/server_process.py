@@ -41,7 +41,7 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, log_path: str | Path, t
 _NUMBER = (int, float)
 STATE_FIELDS = {"threshold": _NUMBER, "window": (int,), "surrogate": (str,), "cells_total": (int,),
                 "cells_in_use": (int,), "removed_fraction": _NUMBER, "requests_finished": (int,)}  # fmt: skip
-OPTIONAL_STATE_FIELDS = {"cells_cached": (int,)}
+OPTIONAL_STATE_FIELDS = {"cells_cached": (int,), "tenants_hidden": (str,)}
 TENANT_FIELDS = {"threshold": _NUMBER, "window": (int,), "cells_held": (int,), "budget_cells": (int, None),
                  "queued_requests": (int,), "removed_fraction": _NUMBER}  # fmt: skip
 OPTIONAL_TENANT_FIELDS = {"threshold_base": _NUMBER, "refused_requests": (int,)}
@@ -51,13 +51,16 @@ class NotKVzapReplyError(LookupError):
     """``/server_info`` answered, but not with what a KVzap server sends (another server, or a broken proxy)."""
 
 
-def kvzap_state(url: str, timeout_s: float = 60.0) -> dict:
-    """A running server's KVzap figures (``/server_info`` → ``internal_states[0]["kvzap"]``).
+def kvzap_state(url: str, timeout_s: float = 60.0, api_key: str | None = None) -> dict:
+    """A running server's KVzap figures (``/server_info`` → ``internal_states[0]["kvzap"]``). With
+    ``--kvzap-tenants``, the per-tenant figures (``"tenants"``) are sent only when ``api_key`` is the admin key;
+    otherwise ``"tenants_hidden"`` says so.
 
     Raises ``requests.RequestException`` when the server cannot be read, ``LookupError`` when it does not run KVzap
     (:class:`NotKVzapReplyError` when its reply does not have the shape and types a KVzap server sends).
     """
-    response = requests.get(f"{url.rstrip('/')}/server_info", timeout=timeout_s)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = requests.get(f"{url.rstrip('/')}/server_info", headers=headers, timeout=timeout_s)
     response.raise_for_status()
     body = response.json()
     if not isinstance(body, dict):

@@ -324,10 +324,10 @@ class CalibrationSettings:
             return None
         raw = {
             "redis_prefix": env.get(ENV_REDIS_PREFIX) or None,
-            "sample_rate": _parse_number(env.get(ENV_SAMPLE_RATE), "sample rate"),
+            "sample_rate": parse_number(env.get(ENV_SAMPLE_RATE), "sample rate"),
             "task": env.get(ENV_TASK) or None,
             "model_id": env.get(ENV_MODEL_ID) or None,
-            "tau_poll_s": _parse_number(env.get(ENV_TAU_POLL_S), "tau poll interval"),
+            "tau_poll_s": parse_number(env.get(ENV_TAU_POLL_S), "tau poll interval"),
         }
         fields = {key: value for key, value in raw.items() if value is not None} | given
         return cls(redis_url=url, **fields)
@@ -338,7 +338,7 @@ def clear_calibration_env() -> None:
         os.environ.pop(key, None)
 
 
-def _parse_number(text: str | None, what: str) -> float | None:
+def parse_number(text: str | None, what: str) -> float | None:
     if text is None or not text.strip():
         return None
     try:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -70,6 +71,11 @@ TENANT_METHODS = ("POST", "PUT")  # SGLang serves /generate for both
 # history (Session.create_req builds the prompt from it), and "replace" would clear it. Not served with tenants.
 SESSION_PATHS = ("/open_session", "/close_session")
 SESSIONS_REFUSED = "SGLang sessions are not tenant-scoped, so they are not served with --kvzap-tenants"
+# SGLang serves these to any client when no --api-key is set, which is the case with tenants. Their per-tenant
+# sections (names, τ, budgets, cells held, queues) go to the admin key's holder only.
+SERVER_INFO_PATHS = ("/server_info", "/get_server_info")
+TENANT_SECTIONS = ("kvzap", "kvzap_calibration")  # internal_states[i][section]["tenants"]
+TENANTS_HIDDEN = "per-tenant figures are shown to the admin API key only (Authorization: Bearer ADMIN_KEY)"
 
 # The scheduler takes a request's tenant from its extra_key, so in the HTTP process a tenant namespace may only come
 # from TenantMiddleware: these are the extra_keys it wrote for the HTTP request being served (None outside one), and
@@ -457,13 +463,16 @@ def _max_new_tokens(scheduler, req) -> int:
 class TenantMiddleware:
     """ASGI middleware: resolve the tenant of generation requests and write it into their ``extra_key``."""
 
-    def __init__(self, app, config: TenantsConfig) -> None:
+    def __init__(self, app, config: TenantsConfig, admin_api_key: str | None = None) -> None:
         self.app = app
         self.config = config
+        self.admin_api_key = admin_api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] in SESSION_PATHS:
             return await _reject(send, 400, SESSIONS_REFUSED)
+        if scope["type"] == "http" and scope["path"] in SERVER_INFO_PATHS and not self._from_admin(scope):
+            return await self.app(scope, receive, _hiding_tenant_figures(send))
         if scope["type"] != "http" or scope["method"] not in TENANT_METHODS or scope["path"] not in TENANT_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -500,6 +509,13 @@ class TenantMiddleware:
         finally:
             _vouched_extra_keys.reset(vouched)
 
+
+    def _from_admin(self, scope) -> bool:
+        if not self.admin_api_key:
+            return False
+        authorization = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
+        scheme, _, key = authorization.decode("latin-1").strip().partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(key.strip().encode(), self.admin_api_key.encode())
 
     def _api_key(self, authorization: str | None) -> str | None:
         """The key of an ``Authorization: Bearer KEY`` header. With keys configured, a header of any other form
@@ -552,6 +568,49 @@ async def _read_body(receive) -> bytes:
     return b"".join(chunks)
 
 
+def _hiding_tenant_figures(send):
+    """``send`` for a ``/server_info`` reply to a client without the admin key: the body is held until complete, its
+    per-tenant sections are replaced by ``tenants_hidden``, and it goes out with its new length. A body that cannot
+    be read as the JSON SGLang sends is not passed on (502): it might carry them in some other shape."""
+    start, chunks = None, []
+
+    async def hide(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        status, body = start["status"], b"".join(chunks)
+        try:
+            body = hide_tenant_figures(body) if status == 200 else body
+        except ValueError:
+            status, body = 502, json.dumps({"error": {"message": "unreadable /server_info reply", "code": 502}})
+            body = body.encode()
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({**start, "status": status, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return hide
+
+
+def hide_tenant_figures(body: bytes) -> bytes:
+    """``/server_info``'s JSON body without its per-tenant sections (``TENANT_SECTIONS``); ``ValueError`` when it is
+    not the JSON object SGLang sends."""
+    info = json.loads(body)
+    if not isinstance(info, dict):
+        raise ValueError("not a JSON object")
+    for state in info.get("internal_states") or []:
+        for section in TENANT_SECTIONS:
+            figures = state.get(section) if isinstance(state, dict) else None
+            if isinstance(figures, dict) and figures.pop("tenants", None) is not None:
+                figures["tenants_hidden"] = TENANTS_HIDDEN
+    return json.dumps(info).encode()
+
+
 async def _reject(send, status: int, reason: str) -> None:
     body = json.dumps({"error": {"message": reason, "code": status}}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -559,14 +618,14 @@ async def _reject(send, status: int, reason: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install_http_middleware(config: TenantsConfig) -> None:
+def install_http_middleware(config: TenantsConfig, admin_api_key: str | None = None) -> None:
     """Add ``TenantMiddleware`` to SGLang's FastAPI app (launching process, before the server starts)."""
     from sglang.srt.entrypoints import http_server
 
     global _edge_installed
     _edge_installed = True
     if not getattr(http_server.app.state, "kvzap_tenants", False):
-        http_server.app.add_middleware(TenantMiddleware, config=config)
+        http_server.app.add_middleware(TenantMiddleware, config=config, admin_api_key=admin_api_key)
         http_server.app.state.kvzap_tenants = True
         logger.info("KVzap tenants: %s (API keys %s)", config.names(), "on" if config.keys_configured else "off")
 

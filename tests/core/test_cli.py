@@ -65,6 +65,20 @@ def test_prune_prints_the_removed_fraction_of_the_policy(tiny_folders, capsys):
     assert "per layer: min" in out and "layers  0- 1:" in out
 
 
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_a_model_folder_with_truncated_weights_exits_2_with_one_line(tiny_folders, tmp_path, capsys, command):
+    """A copied model folder whose model.safetensors was cut short printed a SafetensorError traceback (review)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folders / "model", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    args = (["--surrogate", str(tiny_folders / "surrogate"), "--threshold", "0", "--tokens", "64"] if command == "prune"
+            else ["--kind", "linear", "--out", str(tmp_path / "out"), "--num-prompts", "2", "--held-out-prompts", "1"])
+    code, _, err = run(capsys, command, "--model", str(broken), *args)
+    assert code == 2 and "cannot load the model in" in err and str(broken) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_prune_reads_a_prompt_file(tiny_folders, tmp_path, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("The grass is green. " * 40)
@@ -235,6 +249,7 @@ def fake_server():
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            server.authorization = self.headers.get("Authorization")
             payload = json.dumps(server.body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -267,6 +282,23 @@ def test_status_prints_a_kvzap_servers_figures(fake_server, capsys):
     assert code == 0, err
     assert "τ -4.0  window 128  surrogate mlp  cells 10/1000 in use (4 cached)" in out
     assert re.search(r"alice\s+-4.000\s+-4.500\s+64\s+5\s+-\s+0\s+1\s+0.500", out), out
+
+
+def test_status_sends_the_admin_key_from_the_environment_and_says_when_tenants_are_hidden(fake_server, capsys,
+                                                                                       monkeypatch):
+    """A server with --kvzap-tenants shows per-tenant figures to its admin key only; the key comes from
+    $KVZAP_ADMIN_API_KEY (or --admin-api-key), and without it the output says the tenants are hidden."""
+    hidden = "per-tenant figures are shown to the admin API key only"
+    fake_server.body = {"internal_states": [{"kvzap": {**KVZAP_STATE, "tenants_hidden": hidden}}]}
+    monkeypatch.delenv("KVZAP_ADMIN_API_KEY", raising=False)
+    code, out, err = run(capsys, "status", "--url", fake_server.url)
+    assert code == 0 and "tenants: hidden without the admin key" in out, (out, err)
+    assert fake_server.authorization is None
+    monkeypatch.setenv("KVZAP_ADMIN_API_KEY", "admin-secret")
+    assert run(capsys, "status", "--url", fake_server.url)[0] == 0
+    assert fake_server.authorization == "Bearer admin-secret"
+    run(capsys, "status", "--url", fake_server.url, "--admin-api-key", "other")
+    assert fake_server.authorization == "Bearer other"
 
 
 @pytest.mark.parametrize(

@@ -131,16 +131,30 @@ def _launch_server(*flags: str, model_path, env: dict[str, str] | None = None) -
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
-def test_real_cli_rejects_a_malformed_threshold_with_exit_2(smollm2_path):
-    malformed = _launch_server("--kvzap-threshold", "abc", model_path=smollm2_path)
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kvzap-threshold", "abc"], "kvzap threshold must be a number, got 'abc'"),
+        (["--kvzap-threshold", "-4", "--kvzap-window", "-1"], "kvzap window must be an integer in [0, 2147483647]"),
+        (["--kvzap-threshold", "-4", "--kvzap-redis-url", "redis://127.0.0.1:6379/0", "--kvzap-sample-rate", "often"],
+         "kvzap sample rate (--kvzap-sample-rate) must be a number, got 'often'"),
+    ],
+)
+def test_real_cli_rejects_a_malformed_kvzap_value_with_one_line_and_exit_2(smollm2_path, flags, message):
+    """argparse's own error for a bad value (type=) came after SGLang's whole usage text, ~490 lines (review)."""
+    malformed = _launch_server(*flags, model_path=smollm2_path)
     assert malformed.returncode == 2
-    assert "--kvzap-threshold" in malformed.stderr and "must be a number" in malformed.stderr
+    assert f"sglang: error: {message}" in malformed.stderr
+    assert "usage:" not in malformed.stderr and len(malformed.stderr.splitlines()) < 40, malformed.stderr
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
         ({"KVZAP_THRESHOLD": "abc"}, "kvzap threshold must be a number, got 'abc'"),
+        # The README's command lacked it: the scheduler then died on a missing vllm module after start-up began.
+        ({"KVZAP_THRESHOLD": "-4", "SGLANG_USE_CPU_ENGINE": "0"},
+         "KVzap serves on SGLang's CPU engine in this version: start with SGLANG_USE_CPU_ENGINE=1"),
         ({"KVZAP_THRESHOLD": "-4", "KVZAP_REDIS_URL": "redis://127.0.0.1:6379/0", "KVZAP_SAMPLE_RATE": "often"},
          "kvzap sample rate must be a number, got 'often'"),
     ],

@@ -38,6 +38,46 @@ def client():
     return test_client
 
 
+SERVER_INFO = {"admin_api_key": "<redacted>", "internal_states": [{
+    "kvzap": {"threshold": -4.0, "tenants": {"acme": {"budget_cells": 90}, "globex": {"budget_cells": None}}},
+    "kvzap_calibration": {"tau": -4.0, "tenants": {"acme": {"tau": -3.5}}},
+}]}  # fmt: skip
+
+
+@pytest.fixture
+def info_client():
+    app = FastAPI()
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return SERVER_INFO
+
+    app.add_middleware(TenantMiddleware, config=TenantsConfig.load(EXAMPLE), admin_api_key="the-admin-key")
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("path", ["/server_info", "/get_server_info"])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer change-me-acme-0001", "Bearer the-admin-key2", "Basic the-admin-key"]
+)
+def test_server_info_shows_tenants_to_the_admin_key_only(info_client, path, authorization):
+    """With tenants SGLang has no --api-key, so /server_info is open: one tenant's key (or none) read every tenant's
+    name, τ, budget and load there (review)."""
+    headers = {"Authorization": authorization} if authorization else {}
+    response = info_client.get(path, headers=headers)
+    assert response.status_code == 200
+    assert "acme" not in response.text and "globex" not in response.text
+    body = response.json()
+    state = body["internal_states"][0]
+    for section in ("kvzap", "kvzap_calibration"):
+        assert "tenants" not in state[section] and "admin API key" in state[section]["tenants_hidden"]
+    assert state["kvzap"]["threshold"] == -4.0 and body["admin_api_key"] == "<redacted>"  # the rest is unchanged
+    assert int(response.headers["content-length"]) == len(response.content)
+    admin = info_client.get(path, headers={"Authorization": "Bearer the-admin-key"})
+    assert admin.status_code == 200 and admin.json() == SERVER_INFO
+
+
 def test_the_key_decides_the_tenant_namespace(client):
     body = client.post("/generate", json={"text": "hi"}, headers={"Authorization": "Bearer change-me-acme-0001"}).json()
     assert body == {"text": "hi", "extra_key": "kvzap-tenant:acme|"}

@@ -43,7 +43,7 @@ def send(url: str, prompt_len: int, first_id: int, new_tokens: int, priority: in
 
 
 def solo(url: str) -> dict:
-    return kvzap_state(url)["tenants"]["solo"]
+    return kvzap_state(url, api_key=ADMIN_KEY)["tenants"]["solo"]  # per-tenant figures: the admin key only
 
 
 def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:

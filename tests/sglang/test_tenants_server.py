@@ -13,6 +13,7 @@ to its new requests within seconds and to no other tenant; refused identities ge
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +123,7 @@ def generate(url: str, text: str, tenant: str | None, max_new_tokens: int = 4) -
 
 
 def tenants_state(url: str) -> dict:
-    return kvzap_state(url)["tenants"]
+    return kvzap_state(url, api_key=ADMIN_KEY)["tenants"]  # per-tenant figures: the admin key only
 
 
 def wait_for(predicate, what: str, timeout_s: float = 10.0):
@@ -363,6 +364,12 @@ def test_routes_the_middleware_does_not_cover_reach_no_groups_cache_and_admin_ro
     info = requests.get(f"{server}/server_info", timeout=60)
     assert info.status_code == 200 and ADMIN_KEY not in info.text
     assert info.json()["admin_api_key"] == "<redacted>" and "--admin-api-key <redacted>" in info.json()["launch_command"]
+    # And every tenant's name, τ, budget and load, to anyone: those go to the admin key only.
+    for headers in ({}, tenant_key):
+        state = requests.get(f"{server}/server_info", headers=headers, timeout=60).json()["internal_states"][0]
+        assert "tenants" not in state["kvzap"] and "admin API key" in state["kvzap"]["tenants_hidden"]
+        assert not any(f'"{name}"' in json.dumps(state) for name in KEYS)
+    assert set(tenants_state(server)) >= set(KEYS)
 
 
 def test_a_tenants_budget_clips_new_tokens_and_refuses_a_prompt_that_cannot_fit(server, tokenizer):
