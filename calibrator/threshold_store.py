@@ -10,7 +10,12 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from calibrator.errors import ThresholdChangedError, ThresholdNotFoundError, ThresholdUnreadableError
+from calibrator.errors import (
+    StoreOutcomeUnknownError,
+    ThresholdChangedError,
+    ThresholdNotFoundError,
+    ThresholdUnreadableError,
+)
 from calibrator.series import SeriesKey, unavailable
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,14 @@ return 1
 """
 
 
+def _never_sent(error: redis.RedisError) -> bool:
+    """redis-py (no retries: ``series.connect``) failed before the command reached the socket: connecting ("Error
+    111 connecting to ...", "Timeout connecting to server") or writing ("Error 32 while writing to socket")."""
+    text = str(error).lower()
+    connection_failure = isinstance(error, (redis.ConnectionError, redis.TimeoutError))
+    return connection_failure and ("connecting to" in text or "writing to socket" in text)
+
+
 class ThresholdStore:
     def __init__(self, client: redis.Redis, prefix: str = "kvzap:") -> None:
         self.client = client
@@ -81,10 +94,11 @@ class ThresholdStore:
         self._put_if_unchanged = client.register_script(_PUT_IF_UNCHANGED)
 
     def put(self, record: ThresholdRecord) -> None:
+        value = record.model_dump_json()
         try:
-            self.client.hset(self.hash_key, record.series.encode(), record.model_dump_json())
+            self.client.hset(self.hash_key, record.series.encode(), value)
         except redis.RedisError as error:
-            raise unavailable(error) from error
+            self._raise_unless_stored(error, record, value)
 
     def entry(self, series: SeriesKey) -> bytes:
         """The series' entry as stored, raw (b'' when there is none): what ``put_if_unchanged`` compares."""
@@ -96,14 +110,31 @@ class ThresholdStore:
     def put_if_unchanged(self, record: ThresholdRecord, seen: bytes) -> None:
         """Store ``record`` if its series' entry is still ``seen`` (from ``entry``); ThresholdChangedError, nothing
         written, if it was set since (a calibration must not overwrite a newer PUT with a τ from older samples)."""
+        value = record.model_dump_json()
         try:
-            stored = self._put_if_unchanged(keys=[self.hash_key],
-                                            args=[record.series.encode(), seen, record.model_dump_json()])
+            stored = self._put_if_unchanged(keys=[self.hash_key], args=[record.series.encode(), seen, value])
         except redis.RedisError as error:
-            raise unavailable(error) from error
+            stored = self._raise_unless_stored(error, record, value)
         if not stored:
             raise ThresholdChangedError(f"the threshold of {record.series} was set while calibrating (the newer "
                                         "value is kept, nothing was written); calibrate again to replace it")
+
+    def _raise_unless_stored(self, error: redis.RedisError, record: ThresholdRecord, value: str) -> bool:
+        """After a write failed: True when reading the entry back shows it landed (only its reply was lost);
+        otherwise StoreUnavailableError when the command never went out (connecting or writing to the socket
+        failed), else StoreOutcomeUnknownError. Servers poll this hash, so a τ reported as not written but stored
+        would still be applied by every server."""
+        if not _never_sent(error):
+            try:
+                if self.client.hget(self.hash_key, record.series.encode()) == value.encode():
+                    return True
+            except redis.RedisError:
+                pass
+            raise StoreOutcomeUnknownError(
+                f"Redis failed after the threshold of {record.series} was sent ({type(error).__name__}: {error}); it "
+                "may have been stored: read it back (GET) before sending it again"
+            ) from error
+        raise unavailable(error) from error
 
     def get(self, series: SeriesKey) -> ThresholdRecord:
         """The record stored for exactly this series; ThresholdNotFoundError if none."""

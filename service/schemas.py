@@ -73,7 +73,9 @@ ERROR_RESPONSES = {
     401: {"model": ErrorBody, "description": "missing or invalid X-API-Key"},
     403: {"model": ErrorBody, "description": "the key's tenant does not own this entry"},
     413: {"model": ErrorBody, "description": "body or batch over the configured limits"},
-    422: {"model": ValidationErrorBody, "description": "request does not match the schema"},
+    422: {"model": ValidationErrorBody | ErrorBody,
+          "description": "request does not match the schema (invalid_request, with errors); POST /samples: the batch "
+                         "would give a tenant more series than KVZAP_MAX_SERIES_PER_TENANT (series_limit)"},
     503: {"model": ErrorBody, "description": "Redis unavailable: nothing was written (store_unavailable), or a "
                                              "write went out and its outcome is unknown (store_outcome_unknown); "
                                              "or Redis is up but writers of the same series in other processes "

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Bounds on what a client can make the service hold or compute.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(1000, ge=1, le=10_000)
+    # Each series costs Redis hundreds of keys and every /calibrate and PUT reads the series index: a tenant key
+    # naming a new model or task per summary must not grow it without bound.
+    max_series_per_tenant: int = Field(100, ge=1, le=100_000)
     max_requests_per_series: int = Field(200_000, ge=MIN_SEGMENTS_PER_BOUND)
     segment_size: int = Field(10_000, ge=1)
     raw_samples_per_series: int = Field(10_000, ge=0)

@@ -48,6 +48,13 @@ class PayloadTooLargeError(ServiceError):
     code = "payload_too_large"
 
 
+class SeriesLimitError(ServiceError):
+    """A batch would start more (model, task) series for a tenant than KVZAP_MAX_SERIES_PER_TENANT allows."""
+
+    status_code = 422
+    code = "series_limit"
+
+
 STATUS_OF_LIBRARY_ERROR: dict[type[CalibrationError], int] = {
     InvalidTargetError: 422,
     TooFewSamplesError: 422,
@@ -123,10 +130,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(StoreUnavailableError.code, detail), status_code=503)
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    scope = {**request.scope, "method": "GET"}
-    methods: set[str] = set()
-    for route in app.router.routes:
-        if route.matches(scope)[0] != Match.NONE and getattr(route, "methods", None):
-            methods |= set(route.methods)
-    return sorted(methods)
+    """The methods some route serves at the request's path. Asked of each route through ``matches`` (a full match
+    per method): FastAPI wraps included routers in routes that have no ``methods`` of their own, so reading that
+    attribute sent an empty ``Allow``."""
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed

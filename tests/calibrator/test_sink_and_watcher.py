@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
-from calibrator import ThresholdNotFoundError, summarize
+from calibrator import StoreOutcomeUnknownError, StoreUnavailableError, ThresholdNotFoundError, summarize
 from calibrator.sample_store import SampleStore
 from calibrator.series import SeriesKey, connect
 from calibrator.sink import SampleSink
@@ -226,3 +227,48 @@ def test_bad_records_and_an_outage_are_logged_once_not_every_poll(redis_client, 
     assert sum("unreadable threshold record" in m for m in messages) == 2  # one per bad value
     assert sum("unreachable" in m for m in messages) == 1 and sum("reachable again" in m for m in messages) == 1
     assert watcher.failures == 0
+
+
+def _reply_lost_after(monkeypatch, client, method: str, then_unreachable: bool = False):
+    """Failure injection (the only mock here): Redis runs ``client.<method>`` and its reply is lost on the way back;
+    with ``then_unreachable`` every later command fails too. Redis and the stored data are real."""
+    real = getattr(client, method)
+    lost = []
+
+    def run_and_lose_the_reply(*args, **kwargs):
+        if lost and then_unreachable:
+            raise redis.ConnectionError("Redis went away (injected)")
+        real(*args, **kwargs)
+        lost.append(True)
+        raise redis.TimeoutError("Timeout reading from socket (injected)")
+
+    monkeypatch.setattr(client, method, run_and_lose_the_reply)
+    if then_unreachable:
+        monkeypatch.setattr(client, "hget", lambda *a, **k: run_and_lose_the_reply())
+
+
+def test_a_threshold_write_whose_reply_was_lost_is_never_reported_as_not_written(redis_client, prefix, monkeypatch):
+    """A PUT or a calibration whose HSET ran but whose reply was lost answered 503 "nothing was written" while every
+    server polling the hash applied that τ (review). Read back: stored means success; unknown is said so."""
+    store = ThresholdStore(redis_client, prefix)
+    record = ThresholdRecord(model="m", task="t", tau=-7.25, source="manual")
+    _reply_lost_after(monkeypatch, redis_client, "hset")
+    store.put(record)  # the read-back finds it: a success
+    monkeypatch.undo()
+    assert store.get(record.series).tau == -7.25
+
+    seen = store.entry(record.series)
+    newer = record.model_copy(update={"tau": -6.0, "source": "calibrated"})
+    _reply_lost_after(monkeypatch, redis_client, "evalsha", then_unreachable=True)
+    with pytest.raises(StoreOutcomeUnknownError, match="may have been stored") as caught:
+        store.put_if_unchanged(newer, seen)
+    assert caught.value.code == "store_outcome_unknown"
+    monkeypatch.undo()
+    assert store.get(record.series).tau == -6.0  # it was: Redis ran the script whose reply was lost
+
+
+def test_a_threshold_write_to_an_unreachable_redis_says_nothing_was_written(closed_port_url):
+    store = ThresholdStore(connect(closed_port_url, timeout_s=0.5), "kvzap-test:")
+    with pytest.raises(StoreUnavailableError, match="Redis is unavailable") as caught:
+        store.put(ThresholdRecord(model="m", task="t", tau=-3.0, source="manual"))
+    assert caught.value.code == "store_unavailable"

@@ -8,6 +8,7 @@ import time
 from statistics import NormalDist
 
 import numpy as np
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
@@ -212,6 +213,14 @@ def test_a_malformed_content_length_is_a_400(api):
     assert too_large.status_code == 413
 
 
+@pytest.mark.parametrize("method, path, allow", [("DELETE", "/thresholds/m/t", "GET, PUT"), ("GET", "/samples", "POST"),
+                                                 ("GET", "/calibrate", "POST"), ("PATCH", "/thresholds", "GET")])
+def test_a_405_says_which_methods_the_path_serves(api, method, path, allow):
+    """Every 405 had an empty Allow header (FastAPI's included routers have no methods of their own; review)."""
+    response = api.request(method, path, headers=ADMIN)
+    assert response.status_code == 405 and response.headers["allow"] == allow
+
+
 def test_unknown_http_methods_share_one_metrics_label(api):
     for method in ("M00001", "M00002", "BREW"):
         assert api.request(method, "/healthz").status_code == 405
@@ -324,3 +333,31 @@ def test_a_batch_that_keeps_losing_the_race_is_busy_not_an_outage(api, make_summ
     assert response.json()["error"] == "store_busy" and response.headers["Retry-After"] == "1"
     assert api.get("/healthz").status_code == 200
     assert not list(redis_client.scan_iter(match=f"{prefix}seg*"))
+
+
+def test_a_tenant_cannot_grow_the_series_index_without_bound(make_settings, make_summaries):
+    """One tenant key made a new (model, task) series per summary: about 650 Redis keys each, unbounded, and every
+    invented model then counted as known (review). Past KVZAP_MAX_SERIES_PER_TENANT a batch is refused whole; other
+    tenants and the tenant's existing series are unaffected."""
+    acme, beta = ACME, BETA
+    with TestClient(create_app(make_settings(max_series_per_tenant=3))) as api:
+        two = make_summaries(1, model="m1") + make_summaries(1, model="m2")
+        assert api.post("/samples", json={"samples": two}, headers=acme).status_code == 200
+        three_more = [make_summaries(1, model=f"junk-{i}")[0] for i in range(3)]
+        refused = api.post("/samples", json={"samples": three_more}, headers=acme)
+        assert refused.status_code == 422 and refused.json()["error"] == "series_limit", refused.text
+        detail = refused.json()["detail"]
+        assert "tenant 'acme' has 2 (model, task) series stored and this batch starts 3 more" in detail
+        assert api.put("/thresholds/junk-0/t", json={"tau": -3}, headers=ADMIN).status_code == 404  # nothing stored
+        assert api.post("/samples", json={"samples": make_summaries(5, model="m1")}, headers=acme).status_code == 200
+        assert api.post("/samples", json={"samples": three_more[:1]}, headers=acme).status_code == 200  # the third
+        assert api.post("/samples", json={"samples": three_more}, headers=beta).status_code == 200  # its own three
+
+
+def test_a_tenant_key_naming_another_tenant_gets_a_403_on_the_list_too(api):
+    """The list answered [] where GET /thresholds/m/t?tenant=beta answered 403 (review): one answer for one case."""
+    listed = api.get("/thresholds", params={"tenant": "beta"}, headers=ACME)
+    assert listed.status_code == 403 and "cannot touch tenant 'beta'" in listed.json()["detail"]
+    assert api.get("/thresholds/m/t", params={"tenant": "beta"}, headers=ACME).status_code == 403
+    assert api.get("/thresholds", params={"tenant": "acme"}, headers=ACME).status_code == 200
+    assert api.get("/thresholds", params={"tenant": "beta"}, headers=ADMIN).status_code == 200

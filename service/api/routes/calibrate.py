@@ -14,15 +14,16 @@ from calibrator.threshold_store import ThresholdRecord, ThresholdStore
 from service.api.deps import Caller, get_metrics, get_sample_store, get_settings, get_threshold_store, writer
 from service.core.config import Settings
 from service.core.metrics import ServiceMetrics
-from service.schemas import ERROR_RESPONSES, CalibrateRequest, CalibrationResponse, ErrorBody
+from service.schemas import ERROR_RESPONSES, CalibrateRequest, CalibrationResponse, ErrorBody, ValidationErrorBody
 
 router = APIRouter(tags=["calibration"])
 
 CALIBRATE_ERRORS = {
     **ERROR_RESPONSES,
     404: {"model": ErrorBody, "description": "unknown model"},
-    422: {"model": ErrorBody, "description": "invalid request (error invalid_request, with errors), too few samples, "
-                                             "or unreachable target (the detail says what is achievable)"},
+    422: {"model": ValidationErrorBody | ErrorBody,
+          "description": "invalid request (error invalid_request, with errors), too few samples, or unreachable "
+                         "target (the detail says what is achievable)"},
     409: {"model": ErrorBody, "description": "the threshold was set (PUT or another calibration) while this one was "
                                              "fitting (threshold_changed): the newer value is kept; calibrate again"},
 }

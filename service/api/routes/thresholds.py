@@ -31,7 +31,10 @@ def list_thresholds(
     task: Annotated[str | None, Query(max_length=MAX_LABEL_LENGTH)] = None,
     tenant: TenantQuery = None,
 ) -> list[ThresholdRecord]:
-    """Current thresholds, filtered; a tenant key sees only its own tenant's entries."""
+    """Current thresholds, filtered; a tenant key sees only its own tenant's entries (naming another tenant is a 403,
+    as on the other routes)."""
+    if tenant is not None:
+        caller.tenant_for(tenant)
     records = store.list(model=model, task=task)
     return [r for r in records if caller.may_read(r.tenant) and (tenant is None or r.tenant == tenant)]
 
