@@ -488,9 +488,13 @@ def test_a_tenants_summaries_carry_its_window_and_predict_what_it_removed(server
     assert figures["removed_fraction"] == pytest.approx((figures["tokens"] - NARROW_WINDOW) / figures["tokens"] / 3)
 
 
-def test_the_status_command_prints_every_tenants_row(server, capsys):
+def test_the_status_command_prints_every_tenants_row(server, capsys, monkeypatch):
     from kvzap_sglang.cli import main
 
+    monkeypatch.delenv("KVZAP_ADMIN_API_KEY", raising=False)
+    assert main(["status", "--url", server]) == 0
+    assert "tenants: hidden without the admin key" in capsys.readouterr().out  # per-tenant rows: the admin's
+    monkeypatch.setenv("KVZAP_ADMIN_API_KEY", ADMIN_KEY)
     assert main(["status", "--url", server]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) == {"default", "acme", "keep", "small", "tight", "docs-a", "docs-b", "narrow", "strict", "grp-a",
