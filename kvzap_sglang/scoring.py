@@ -36,11 +36,10 @@ def load_reference_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16)
     bf16 by default: the stored weights are bf16, it is what the server runs, and CPU prefill is ~3x faster
     than fp32 with AMX (environment notes §4).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvzap_sglang.models import resolve_model_path
-
-    from safetensors import SafetensorError
 
     path = resolve_model_path(name_or_path)
     try:

@@ -67,15 +67,16 @@ def score_after_attention(original, self, positions=None, hidden_states=None, fo
 def release(original, req, tree_cache, *args, **kwargs):
     rt = runtime.current()
     kv = getattr(req, "kv", None)
-    if rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None:
+    holds_row = rt is not None and kv is not None and kv.holds_kv and kv.req_pool_idx is not None
+    if holds_row:
         reporting.record_release(rt, req, tree_cache)  # first: figures of the cells as the request held them
         rt.release_row(kv.req_pool_idx, tree_cache.req_to_token_pool.req_to_token[kv.req_pool_idx])
-        result = original(req, tree_cache, *args, **kwargs)
+    result = original(req, tree_cache, *args, **kwargs)
+    if holds_row:
         # With the radix cache the request's cells go to the tree, not back to the pool: no free refreshes the
         # gauges, so /metrics showed no kvzap_* line at all (review).
         runtime.notify_cells_released()
-        return result
-    return original(req, tree_cache, *args, **kwargs)
+    return result
 
 
 def admission(original, scheduler, running_batch, *args, **kwargs):

@@ -13,8 +13,8 @@ served model (surrogate dims) and the server configuration KVzap supports, expor
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 from typing import Any
 

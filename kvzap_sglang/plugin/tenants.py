@@ -509,23 +509,27 @@ class TenantMiddleware:
         finally:
             _vouched_extra_keys.reset(vouched)
 
-
     def _from_admin(self, scope) -> bool:
-        if not self.admin_api_key:
-            return False
         authorization = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
-        scheme, _, key = authorization.decode("latin-1").strip().partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(key.strip().encode(), self.admin_api_key.encode())
+        key = _bearer_key(authorization.decode("latin-1"))
+        if not self.admin_api_key or key is None:
+            return False
+        return secrets.compare_digest(key.encode(), self.admin_api_key.encode())
 
     def _api_key(self, authorization: str | None) -> str | None:
         """The key of an ``Authorization: Bearer KEY`` header. With keys configured, a header of any other form
         (``Basic ...``, a bare ``Bearer``, a tab after it) is a 401: read as no key, it ran as ``default``."""
-        scheme, _, key = (authorization or "").strip().partition(" ")
-        if scheme.lower() == "bearer" and key.strip():
-            return key.strip()
+        if (key := _bearer_key(authorization)) is not None:
+            return key
         if authorization and self.config.keys_configured:
             raise TenantAuthError(401, "the Authorization header must be 'Bearer API_KEY'")
         return None
+
+
+def _bearer_key(authorization: str | None) -> str | None:
+    """The KEY of an ``Authorization: Bearer KEY`` header; None without a header or for any other form."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
 def refuse_unvouched_tenant_keys(obj) -> None:
