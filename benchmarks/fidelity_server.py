@@ -39,7 +39,9 @@ from kvzap_sglang.policy import DEFAULT_WINDOW
 from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 SERVER_FLAGS = [
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
+    "--device", "cpu", "--attention-backend", "torch_native",
+    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+    "--dtype", "float32",
     "--page-size", "1", "--max-total-tokens", "16384", "--mem-fraction-static", "0.3", "--skip-server-warmup",
     "--random-seed", "0", "--log-level", "warning", "--host", "127.0.0.1",
     # One prefill chunk per prompt: a later chunk would attend to an already pruned earlier chunk. For the same

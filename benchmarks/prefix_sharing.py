@@ -28,7 +28,9 @@ from kvzap_sglang.models import resolve_model_path
 from kvzap_sglang.plugin.server_process import kvzap_state, launched_server
 
 SERVER_FLAGS = [
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
+    "--device", "cpu", "--attention-backend", "torch_native",
+    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+    "--dtype", "bfloat16",
     "--page-size", "1", "--mem-fraction-static", "0.3", "--skip-server-warmup", "--random-seed", "0",
     "--log-level", "warning", "--host", "127.0.0.1",
 ]  # fmt: skip

@@ -23,7 +23,9 @@ from pathlib import Path
 import requests
 from kvzap_sglang.plugin.server_process import launched_server_with_log
 
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native",
+             "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+             "--dtype", "bfloat16",
              "--page-size", "1", "--mem-fraction-static", "0.3", "--skip-server-warmup", "--random-seed", "0",
              "--disable-radix-cache", "--host", "127.0.0.1"]  # fmt: skip
 RUNNING = re.compile(r"#running-req: (\d+)")

@@ -36,7 +36,9 @@ from benchmarks.provenance import header, provenance  # noqa: E402
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
-ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, dtype="bfloat16",
+ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native",
+                   cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled",
+                   dtype="bfloat16",
                    page_size=1, max_total_tokens=8192, mem_fraction_static=0.3, skip_server_warmup=True,
                    random_seed=0, log_level="error", disable_radix_cache=True,
                    disable_overlap_schedule=True)  # fmt: skip

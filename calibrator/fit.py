@@ -49,12 +49,15 @@ def choose_edge(mean_curve: np.ndarray, target: float) -> int:
 
     Ties go to the lower fraction (remove less). Within a plateau (no observed score between consecutive edges)
     the middle edge is taken: every edge of the plateau fits the sample equally, the middle one leaves the
-    widest margin to scores of unseen requests.
+    widest margin to scores of unseen requests. Except the lowest plateau (a target of 0, or below what any edge
+    removes): there an unseen request can only be pruned more than asked, so its lowest edge is taken.
     """
     distance = np.abs(mean_curve - target)
     candidates = np.flatnonzero(distance <= distance.min() + 1e-12)
     value = mean_curve[candidates].min()
     plateau = candidates[mean_curve[candidates] == value]
+    if value == mean_curve[0]:
+        return int(plateau[0])
     return int(plateau[len(plateau) // 2])
 
 

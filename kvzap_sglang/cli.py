@@ -94,6 +94,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.tokens < 64:
         raise UsageError(f"--tokens must be >= 64, got {args.tokens}")
     user_text = None if args.prompt_file is None else _read_prompt_file(Path(args.prompt_file))  # before the model
+    model_path = resolve_model_path(args.model)  # an unknown model is the error, not its missing bundled surrogate
     surrogate_path, threshold = _surrogate_and_threshold(args)
 
     import torch
@@ -109,7 +110,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     _limit_threads()
     surrogate = KVzapSurrogate.from_pretrained(surrogate_path)
-    model_path = resolve_model_path(args.model)
     model_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     shape = AttentionShape.of(model_config)
     surrogate.check_fits(shape.num_layers, shape.hidden_size, shape.num_kv_heads, what=str(model_path))  # before loading

@@ -45,7 +45,9 @@ MODEL = "smollm2-135m"
 TASK = "demo"
 TASKS = ("retrieval", "prose", "code")
 CPU_SERVER_FLAGS = [
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
+    "--device", "cpu", "--attention-backend", "torch_native",
+    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+    "--dtype", "bfloat16",
     "--page-size", "1", "--max-total-tokens", "16384", "--mem-fraction-static", "0.3", "--skip-server-warmup",
     "--random-seed", "0", "--log-level", "info", "--host", "127.0.0.1",
 ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The method is a label, and any token is a valid HTTP method: the rest count as OTHER (bounded cardinality).
@@ -26,11 +27,19 @@ class ServiceMetrics:
 
 class MetricsMiddleware:
     """Counts and times every request by its route template (never by raw path) and standard method: bounded label
-    cardinality. A request whose client left before any response counts as 499, not as an error."""
+    cardinality. A request whose client left before any response counts as 499, not as an error. ``routes`` are the
+    app's, for requests answered before routing (a 413 from the body limit, a client gone mid-body)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: list[BaseRoute] | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes or []
+
+    def route_template(self, scope: Scope) -> str:
+        """The template of the route that served the request, else of the one its path matches; ``unmatched`` for
+        a path no route serves (a 404), so raw paths never become labels."""
+        route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,7 +68,7 @@ class MetricsMiddleware:
         finally:
             if status is None:  # the app returned without a response
                 status = CLIENT_CLOSED_REQUEST if disconnected else 500
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = self.route_template(scope)
             method = scope["method"] if scope["method"] in STANDARD_METHODS else "OTHER"
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)

@@ -120,3 +120,13 @@ def test_a_target_in_a_gap_of_the_curve_is_unreachable():
     with pytest.raises(TargetUnreachableError):
         fit_threshold(clusters, 0.52)
     assert fit_threshold(clusters, 0.52, tolerance=0.03, bootstrap_resamples=50).predicted_removed_fraction == 0.5
+
+
+def test_a_target_of_zero_takes_the_lowest_threshold():
+    """Every τ up to the lowest score removes nothing from the sample. The middle of that plateau (τ −18 here) was
+    returned, which prunes an unseen request with scores between −32 and −18 although nothing was asked for."""
+    clusters = _constant_requests(25, [-10.0, 5.0])
+    fit = fit_threshold(clusters, 0.0, bootstrap_resamples=50)
+    assert fit.tau == -32.0 and fit.edge_index == 0 and fit.predicted_removed_fraction == 0.0
+    middle = fit_threshold(clusters, 0.5, bootstrap_resamples=50)  # an inner plateau keeps its middle edge
+    assert middle.predicted_removed_fraction == 0.5 and -3.0 <= middle.tau <= -2.0

@@ -112,6 +112,12 @@ def test_prune_bad_input_exits_2_with_a_message(tiny_folders, capsys, argv, mess
     assert code == 2 and message in err, err
 
 
+def test_prune_of_an_unknown_model_names_the_model(capsys):
+    """It blamed the missing bundled surrogate of 'nosuch' first, and suggested training one for it."""
+    code, _, err = run(capsys, "prune", "--model", "nosuch")
+    assert code == 2 and "unknown model 'nosuch'" in err and "surrogate" not in err, err
+
+
 def test_prune_refuses_a_prompt_file_longer_than_the_context(tiny_folders, tmp_path, capsys):
     prompt_file = tmp_path / "long.txt"
     prompt_file.write_text("The grass is green. " * 1000)  # ~5000 tokens, past the tiny Llama's 4096

@@ -211,6 +211,11 @@ def test_a_malformed_content_length_is_a_400(api):
         assert response.json()["error"] == "bad_request" and "is not a non-negative integer" in response.json()["detail"]
     too_large = api.post("/calibrate", content=b"{}", headers={**ADMIN, "content-length": "2000001"})
     assert too_large.status_code == 413
+    # Refused before routing, yet counted under its route (it was route="unmatched", with the 404s).
+    metrics = api.get("/metrics").text
+    assert 'kvzap_http_requests_total{method="POST",route="/calibrate",status="413"} 1.0' in metrics
+    assert api.get("/no/such/path", headers=ADMIN).status_code == 404
+    assert 'kvzap_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in api.get("/metrics").text
 
 
 @pytest.mark.parametrize("method, path, allow", [("DELETE", "/thresholds/m/t", "GET, PUT"), ("GET", "/samples", "POST"),
@@ -264,7 +269,7 @@ def test_a_client_gone_mid_body_is_a_499_not_an_error(make_settings):
     assert sent == []  # nobody to answer
     with TestClient(app) as api:
         text = api.get("/metrics").text
-    assert 'kvzap_http_requests_total{method="POST",route="unmatched",status="499"} 1.0' in text
+    assert 'kvzap_http_requests_total{method="POST",route="/samples",status="499"} 1.0' in text
     assert "kvzap_errors_total{" not in text and 'status="500"' not in text
 
 

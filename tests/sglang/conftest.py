@@ -22,7 +22,7 @@ os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # is_cpu() reads it; without it the m
 CPU_ENGINE_ARGS = dict(
     device="cpu",
     attention_backend="torch_native",
-    disable_cuda_graph=True,
+    cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled",
     dtype="bfloat16",
     page_size=1,
     max_total_tokens=8192,
@@ -33,7 +33,9 @@ CPU_ENGINE_ARGS = dict(
 )
 
 CPU_SERVER_FLAGS = [
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "bfloat16",
+    "--device", "cpu", "--attention-backend", "torch_native",
+    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+    "--dtype", "bfloat16",
     "--page-size", "1", "--max-total-tokens", "8192", "--mem-fraction-static", "0.3", "--skip-server-warmup",
     "--random-seed", "0", "--log-level", "warning", "--host", "127.0.0.1",
 ]  # fmt: skip

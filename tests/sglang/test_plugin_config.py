@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvzap_sglang.plugin import launch
+from kvzap_sglang.plugin import launch, reporting
 from kvzap_sglang.plugin.settings import ENV_VARS, KVzapConfigError, KVzapSettings
 
 
@@ -211,6 +211,22 @@ def test_tenants_on_an_http_server_need_an_admin_key_of_their_own(server_args_wi
         assert KVzapSettings.from_env() is None
     args = _parse(*tenants, "--admin-api-key", "operator-key-0001", model_path=smollm2_path)
     assert args.admin_api_key == "operator-key-0001" and KVzapSettings.from_env().tenants == example
+
+
+def test_the_start_up_log_line_shows_no_key(server_args_with_kvzap, smollm2_path):
+    """Every launch logs ``server_args={...}`` at INFO (SGLang's ``_server_args_for_logging``); it printed
+    ``admin_api_key`` and ``api_key`` in plain text. It now carries ``/server_info``'s redaction, whose launch command
+    covers an Engine's keyword arguments too."""
+    from sglang.srt.entrypoints import engine
+
+    args = _parse("--kvzap-threshold", "-4", "--admin-api-key", "operator-key-0002", "--api-key", "client-key-0002",
+                  model_path=smollm2_path)  # fmt: skip
+    logged = str(engine._server_args_for_logging(args))
+    assert "operator-key-0002" not in logged and "client-key-0002" not in logged
+    assert "'admin_api_key': '<redacted>'" in logged and "'api_key': '<redacted>'" in logged
+    kwargs = {"launch_command": "Engine(model_path='m', admin_api_key='operator-key-0002', api_key=\"it's-0002\")"}
+    reporting.redact_logged_server_args(kwargs)
+    assert kwargs["launch_command"] == "Engine(model_path='m', admin_api_key='<redacted>', api_key='<redacted>')"
 
 
 def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2_path, head0_surrogate):
