@@ -162,11 +162,32 @@ def test_at_most_one_around_hook_on_each_target(registered):
 
 
 def test_the_supported_sglang_is_the_installed_and_pinned_one():
-    """The set-up installs SGLang itself (--no-deps; its pins cannot be resolved next to ours, so it is no extra)."""
+    """The set-up installs SGLang itself (--no-deps: its full pin set pulls CUDA kernels a CPU host cannot use)."""
     from importlib.metadata import version
 
     assert f"sglang=={seams.SUPPORTED_SGLANG}" in (ROOT / "scripts" / "setup-env.sh").read_text()
     assert version("sglang") == seams.SUPPORTED_SGLANG
+
+
+def test_our_pins_agree_with_sglangs():
+    """``pip install kvzap-sglang`` next to SGLang must not move a package SGLang pins: every package both declare
+    has a version both accept (our transformers pin was 5.23.0 against SGLang's 5.19.0)."""
+    import tomllib
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ours = {r.name.lower(): r for r in map(Requirement, [*project["dependencies"],
+                                                         *sum(project["optional-dependencies"].values(), [])])}
+    theirs = [r for r in map(Requirement, requires("sglang")) if r.marker is None and r.name.lower() in ours]
+    assert theirs, "SGLang declares none of our dependencies: the check would pass vacuously"
+    for sglang_req in theirs:
+        our_req = ours[sglang_req.name.lower()]
+        pinned = [spec.version for req in (sglang_req, our_req) for spec in req.specifier if spec.operator == "=="]
+        for version in pinned:  # a pin on either side must satisfy the other side's specifier
+            assert sglang_req.specifier.contains(version, prereleases=True), (sglang_req, our_req)
+            assert our_req.specifier.contains(version, prereleases=True), (sglang_req, our_req)
 
 
 def test_a_hook_sglang_could_not_apply_stops_a_kvzap_scheduler(monkeypatch):

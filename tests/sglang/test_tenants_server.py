@@ -417,7 +417,7 @@ def test_refusals_answer_at_once_while_the_tenant_is_busy(server):
         too_long, held = held_cells_while(server, "strict", refuse)
         uncompiled = send_batch(server, "strict", [prompt], [40], regex="[a-z")
         assert not running.done(), "a refusal waited for the tenant's running request"
-        assert running.result(timeout=120).status_code == 200
+        assert running.result(timeout=600).status_code == 200
     finally:
         pool.shutdown(wait=False)
     assert too_long.status_code == 400 and "exceeds the KV budget of tenant 'strict'" in too_long.text, too_long.text
