@@ -98,9 +98,20 @@ def launch_settings(kvzap_on: bool, given: dict, model_path) -> CalibrationSetti
             names = ", ".join(f"--kvzap-{key.replace('_', '-')}" for key in given)
             raise KVzapConfigError(f"{names} need a calibration Redis: add --kvzap-redis-url redis://HOST:PORT/DB")
         return None
+    _require_redis_client()
     if settings.model_id is None:
         settings = replace(settings, model_id=default_model_id(model_path))
     return settings
+
+
+def _require_redis_client() -> None:
+    """redis-py comes with the ``service`` extra; without it every scheduler stopped at start-up on an ImportError
+    traceback. Checked in the launching process, so the launch fails fast with the fix instead."""
+    try:
+        import redis  # noqa: F401
+    except ImportError as error:
+        raise KVzapConfigError(f"--kvzap-redis-url needs the redis package ({error}): pip install "
+                               "'kvzap-sglang[service]'") from None  # fmt: skip
 
 
 def export(settings: CalibrationSettings) -> None:

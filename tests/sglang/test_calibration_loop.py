@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -111,6 +112,17 @@ def test_cli_rejects_bad_calibration_flags_with_exit_2(plugins_loaded, smollm2_p
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert CalibrationSettings.from_env() is None  # nothing exported for a scheduler to pick up
+
+
+def test_cli_without_redis_py_fails_fast_with_the_install_hint(plugins_loaded, smollm2_path, capsys, monkeypatch):
+    """Injected failure: ``sys.modules["redis"] = None`` stands in for an install without the ``service`` extra
+    (redis-py absent). Every scheduler used to stop at start-up on an ImportError traceback instead."""
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(smollm2_path, "--kvzap-threshold", "-4", "--kvzap-redis-url", "redis://127.0.0.1:6379/0")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs the redis package" in err and "kvzap-sglang[service]" in err, err
+    assert CalibrationSettings.from_env() is None
 
 
 def test_cli_validates_calibration_env_when_kvzap_is_on_by_env(plugins_loaded, smollm2_path, capsys, monkeypatch):
