@@ -38,6 +38,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kvzap_sglang.training.fit import MLPSettings
     from kvzap_sglang.training.pipeline import TrainSettings, train_surrogate
 
+    if args.kind == "linear":  # the Ridge fit comes after minutes of oracle forwards: check its library first
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise UsageError("--kind linear needs scikit-learn: pip install 'kvzap-sglang[train]'") from None
     settings = TrainSettings(
         model=args.model,
         kind=args.kind,

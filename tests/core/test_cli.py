@@ -112,6 +112,16 @@ def test_prune_bad_input_exits_2_with_a_message(tiny_folders, capsys, argv, mess
     assert code == 2 and message in err, err
 
 
+def test_train_linear_without_scikit_learn_fails_before_any_oracle_work(tiny_folders, tmp_path, capsys, monkeypatch):
+    """Injected failure: ``sys.modules["sklearn"] = None`` stands in for an install without the ``train`` extra. The
+    ImportError used to come after the oracle forwards, with a traceback."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    code, _, err = run(capsys, "train", "--model", str(tiny_folders / "model"), "--kind", "linear",
+                       "--out", str(tmp_path / "out"), "--num-prompts", "2", "--held-out-prompts", "1")  # fmt: skip
+    assert code == 2 and "needs scikit-learn" in err and "kvzap-sglang[train]" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_of_an_unknown_model_names_the_model(capsys):
     """It blamed the missing bundled surrogate of 'nosuch' first, and suggested training one for it."""
     code, _, err = run(capsys, "prune", "--model", "nosuch")
