@@ -56,6 +56,11 @@ def register() -> None:
     from kvzap_sglang.plugin import calibration  # last: its hooks wrap KVzap's (calibration.register docstring)
 
     calibration.register(HookRegistry, HookType)
+    if not hasattr(engine_module.Engine.server_args_class, "kvzap_env_scope_wraps"):
+        # Outermost: an earlier Engine's exported KVZAP_* must be undone before any layer reads the environment.
+        engine_module.Engine.server_args_class = staticmethod(
+            launch.scope_engine_env(engine_module.Engine.server_args_class)
+        )
 
 
 def _register_startup_hooks(HookRegistry, HookType) -> None:

@@ -19,7 +19,9 @@ import sys
 from typing import Any
 
 from kvzap_sglang.plugin.settings import (
+    CALIBRATION_ENV_VARS,
     DEFAULT_SURROGATE,
+    ENV_VARS,
     KVzapConfigError,
     KVzapSettings,
     ModelDims,
@@ -243,3 +245,41 @@ def make_server_args_factory(server_args_class):
 
     server_args_with_kvzap.kvzap_wraps = server_args_class
     return server_args_with_kvzap
+
+
+# KVZAP_* values the last Engine built with kvzap_* keywords wrote to os.environ: variable → (value before, value it
+# set; None = absent). The environment is how an Engine's settings reach the processes it spawns.
+_engine_exports: dict[str, tuple[str | None, str | None]] = {}
+
+
+def scope_engine_env(server_args_factory):
+    """The outermost ``Engine.server_args_class`` layer. What an Engine's ``kvzap_*`` keywords exported is that
+    Engine's setting, not the process's environment: the next Engine built in this process first undoes it (each
+    variable still holding the value the Engine set), so a plain ``sglang.Engine(...)`` after a KVzap one is stock
+    again, and one after ``kvzap_threshold=None`` sees the user's own ``KVZAP_*`` again. (The environment is one per
+    process: two Engines alive at once share whichever settings were exported last, as SGLang's own env config.)"""
+
+    def server_args_in_engine_scope(**kwargs):
+        undo_engine_exports()
+        names = (*ENV_VARS, *CALIBRATION_ENV_VARS)
+        before = {name: os.environ.get(name) for name in names}
+        server_args = server_args_factory(**kwargs)
+        if any(key.startswith("kvzap_") for key in kwargs):
+            _engine_exports.update({name: (before[name], os.environ.get(name)) for name in names
+                                    if os.environ.get(name) != before[name]})  # fmt: skip
+        return server_args
+
+    server_args_in_engine_scope.kvzap_env_scope_wraps = server_args_factory
+    return server_args_in_engine_scope
+
+
+def undo_engine_exports() -> None:
+    """Put back the KVZAP_* variables an earlier Engine of this process exported (those nobody changed since)."""
+    for name, (before, exported) in _engine_exports.items():
+        if os.environ.get(name) != exported:
+            continue  # changed since: the user's value now
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    _engine_exports.clear()

@@ -229,6 +229,31 @@ def test_the_start_up_log_line_shows_no_key(server_args_with_kvzap, smollm2_path
     assert kwargs["launch_command"] == "Engine(model_path='m', admin_api_key='<redacted>', api_key='<redacted>')"
 
 
+def test_an_engine_built_after_a_kvzap_engine_is_stock_again(server_args_with_kvzap, smollm2_path, monkeypatch):
+    """``sglang.Engine(kvzap_...=...)`` exports KVZAP_* for the processes it spawns. A plain ``sglang.Engine(...)``
+    built later in the same process read them as the documented environment config and served with KVzap and its
+    calibration loop on (review: the second Engine's meta_info carried KVzap figures)."""
+    from sglang.srt.entrypoints.engine import Engine
+
+    from kvzap_sglang.plugin.settings import CalibrationSettings
+
+    build = Engine.server_args_class  # what sglang.Engine(**kwargs) calls first, every layer of KVzap's included
+    base = dict(model_path=str(smollm2_path), device="cpu", attention_backend="torch_native")
+    try:
+        args = build(**base, kvzap_threshold=-4, kvzap_redis_url="redis://127.0.0.1:6379/0")
+        assert args.radix_cache_backend == "kvzap" and CalibrationSettings.from_env() is not None
+        args = build(**base)
+        assert args.radix_cache_backend != "kvzap" and args.disable_overlap_schedule is False
+        assert KVzapSettings.from_env() is None and CalibrationSettings.from_env() is None
+        # The user's own KVZAP_* stay theirs: kvzap_threshold=None switches KVzap off for that Engine only.
+        monkeypatch.setenv("KVZAP_THRESHOLD", "-2")
+        build(**base, kvzap_threshold=None)
+        assert KVzapSettings.from_env() is None
+        assert build(**base).radix_cache_backend == "kvzap" and KVzapSettings.from_env().threshold == -2.0
+    finally:
+        launch.undo_engine_exports()
+
+
 def test_cli_flags_enable_kvzap_and_are_exported(server_args_with_kvzap, smollm2_path, head0_surrogate):
     args = _parse("--kvzap-threshold", "-3.5", "--kvzap-surrogate", str(head0_surrogate), "--kvzap-no-decode",
                   model_path=smollm2_path)  # fmt: skip
