@@ -86,6 +86,11 @@ def _register_startup_hooks(HookRegistry, HookType) -> None:
         prompt_checks.refuse_crashing_prompts,
         HookType.AROUND,
     )
+    HookRegistry.register(  # ... as it was when this server or Engine was built
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__",
+        prompt_checks.remember_whether_kvzap_is_on,
+        HookType.AFTER,
+    )
 
 
 def _register_serving_hooks(HookRegistry, HookType) -> None:

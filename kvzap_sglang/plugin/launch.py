@@ -161,12 +161,15 @@ def add_cli_args(original, parser: argparse.ArgumentParser):
     return result
 
 
-def refuse_flags_without_threshold(given: dict[str, Any]) -> None:
+def refuse_flags_without_threshold(given: dict[str, Any], engine: bool = False) -> None:
     """KVzap's settings given without ``--kvzap-threshold`` (which switches it on) are a mistake, not something to
-    drop: a tenants file whose API keys were silently ignored served every request unchecked."""
-    names = [f"--kvzap-{key.replace('_', '-')}" for key, value in given.items() if value is not None]
+    drop: a tenants file whose API keys were silently ignored served every request unchecked. ``engine``: name them
+    as ``sglang.Engine`` keyword arguments."""
+    spell = (lambda key: f"kvzap_{key}") if engine else (lambda key: f"--kvzap-{key.replace('_', '-')}")
+    names = [spell(key) for key, value in given.items() if value is not None]
     if names:
-        raise KVzapConfigError(f"{', '.join(names)} only apply with KVzap on: add --kvzap-threshold TAU")
+        fix = "kvzap_threshold=TAU" if engine else "--kvzap-threshold TAU"
+        raise KVzapConfigError(f"{', '.join(names)} only apply with KVzap on: add {fix}")
 
 
 def refuse_open_admin_routes(tenants, admin_key: str | None) -> None:
@@ -226,10 +229,12 @@ def make_server_args_factory(server_args_class):
         given = {key: kwargs.pop(key) for key in ENGINE_KWARGS if key in kwargs}
         if given and given.get("kvzap_threshold") is None:
             refuse_flags_without_threshold({key.removeprefix("kvzap_"): value for key, value in given.items()
-                                            if key != "kvzap_threshold" and value not in (None, False)})  # fmt: skip
+                                            if key != "kvzap_threshold" and value not in (None, False)},
+                                           engine=True)  # fmt: skip
             clear_env()
             return server_args_class(**kwargs)
         if given:
+            given = {key: value for key, value in given.items() if value is not None}  # None: unset, as a CLI flag
             settings = KVzapSettings(
                 threshold=given["kvzap_threshold"],
                 surrogate=given.get("kvzap_surrogate", DEFAULT_SURROGATE),
@@ -256,15 +261,20 @@ def scope_engine_env(server_args_factory):
     """The outermost ``Engine.server_args_class`` layer. What an Engine's ``kvzap_*`` keywords exported is that
     Engine's setting, not the process's environment: the next Engine built in this process first undoes it (each
     variable still holding the value the Engine set), so a plain ``sglang.Engine(...)`` after a KVzap one is stock
-    again, and one after ``kvzap_threshold=None`` sees the user's own ``KVZAP_*`` again. (The environment is one per
-    process: two Engines alive at once share whichever settings were exported last, as SGLang's own env config.)"""
+    again, and one after ``kvzap_threshold=None`` sees the user's own ``KVZAP_*`` again. An Engine still running
+    keeps its settings: its processes read them when they were spawned, and its request checks when it was built
+    (``prompt_checks.remember_whether_kvzap_is_on``)."""
 
     def server_args_in_engine_scope(**kwargs):
         undo_engine_exports()
         names = (*ENV_VARS, *CALIBRATION_ENV_VARS)
         before = {name: os.environ.get(name) for name in names}
-        server_args = server_args_factory(**kwargs)
-        if any(key.startswith("kvzap_") for key in kwargs):
+        try:
+            server_args = server_args_factory(**kwargs)
+        except BaseException:
+            _set_env(before)  # a constructor that failed starts nothing: its exports go with it
+            raise
+        if any(key.startswith("kvzap_") for key in kwargs):  # without them the user's environment config applied
             _engine_exports.update({name: (before[name], os.environ.get(name)) for name in names
                                     if os.environ.get(name) != before[name]})  # fmt: skip
         return server_args
@@ -275,11 +285,14 @@ def scope_engine_env(server_args_factory):
 
 def undo_engine_exports() -> None:
     """Put back the KVZAP_* variables an earlier Engine of this process exported (those nobody changed since)."""
-    for name, (before, exported) in _engine_exports.items():
-        if os.environ.get(name) != exported:
-            continue  # changed since: the user's value now
-        if before is None:
+    # A variable changed since holds the user's value now, and stays.
+    _set_env({name: before for name, (before, exported) in _engine_exports.items() if os.environ.get(name) == exported})
+    _engine_exports.clear()
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
             os.environ.pop(name, None)
         else:
-            os.environ[name] = before
-    _engine_exports.clear()
+            os.environ[name] = value

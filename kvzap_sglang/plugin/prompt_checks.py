@@ -24,11 +24,22 @@ from kvzap_sglang.plugin.settings import kvzap_enabled
 from kvzap_sglang.plugin.tenants import refuse_unvouched_tenant_keys
 
 
+KVZAP_ON_ATTR = "_kvzap_on"  # set on each TokenizerManager when it is built
+
+
+def remember_whether_kvzap_is_on(result, self, *args, **kwargs):
+    """AFTER ``TokenizerManager.__init__``: whether this server or Engine runs KVzap, read while its launch's settings
+    are in the environment. Read per request instead, another ``sglang.Engine`` built later in the same process (even
+    one whose constructor failed) rewrote the environment and switched a running KVzap Engine's checks off: its next
+    empty prompt stopped its scheduler."""
+    setattr(self, KVZAP_ON_ATTR, kvzap_enabled())
+
+
 def refuse_crashing_prompts(original, self, obj, input_ids):
     """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, a token id outside
     ``[0, vocab_size)``, embeddings not ``[tokens, hidden_size]`` or logprob options out of range is a
     ``ValueError`` (HTTP 400) before SGLang's own checks."""
-    if kvzap_enabled():  # read per request: the launcher exports the settings after this hook is registered
+    if getattr(self, KVZAP_ON_ATTR, None) or (not hasattr(self, KVZAP_ON_ATTR) and kvzap_enabled()):
         check_no_beam_search(obj)
         check_logprob_params(obj, self.model_config.vocab_size)
         refuse_unvouched_tenant_keys(obj)

@@ -83,3 +83,23 @@ def test_a_prompt_that_would_crash_the_scheduler_raises_in_the_caller_and_the_en
         with pytest.raises(ValueError, match="outside the model's vocabulary|the prompt has no tokens"):
             engine.generate(**bad, sampling_params=GREEDY)
     assert engine.generate(SHORT_PROMPTS[0], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 8
+
+
+def test_engines_built_later_in_the_process_leave_this_ones_checks_on(engine, smollm2_path):
+    """The checks read the ``KVZAP_*`` environment per request. Another ``sglang.Engine(...)`` built in the same
+    process rewrote it, even one whose constructor failed, and the running KVzap Engine lost them: its next empty
+    prompt stopped its scheduler (review). Each engine now keeps what it was built with."""
+    import sglang
+
+    from kvzap_sglang.plugin.prompt_checks import KVZAP_ON_ATTR
+    from kvzap_sglang.plugin.settings import KVzapSettings
+
+    with pytest.raises(TypeError, match="not_a_field"):
+        sglang.Engine(model_path=str(smollm2_path), kvzap_threshold=None, not_a_field=1)
+    assert KVzapSettings.from_env() is None  # the environment no longer says KVzap is on
+    # Checked first: without it the empty prompt below stops the scheduler, and the test hangs instead of failing.
+    assert getattr(engine.tokenizer_manager, KVZAP_ON_ATTR) is True
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        engine.generate(prompt="", sampling_params=GREEDY)
+    out = engine.generate(SHORT_PROMPTS[0], sampling_params=GREEDY)
+    assert out["meta_info"]["completion_tokens"] == 8 and "kvzap" in out["meta_info"]

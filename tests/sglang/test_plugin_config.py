@@ -91,10 +91,18 @@ def test_invalid_engine_settings_fail_before_anything_starts(server_args_with_kv
 
 
 def test_kvzap_keywords_without_a_threshold_are_refused(server_args_with_kvzap, smollm2_path):
-    with pytest.raises(KVzapConfigError, match="--kvzap-tenants only apply with KVzap on"):
+    with pytest.raises(KVzapConfigError, match="^kvzap_tenants only apply with KVzap on: add kvzap_threshold=TAU"):
         server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_tenants="configs/tenants.example.toml")
     args = server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=None)
     assert KVzapSettings.from_env() is None and args.radix_cache_backend is None  # explicitly off: stock
+
+
+def test_a_kvzap_keyword_set_to_none_means_its_default(server_args_with_kvzap, smollm2_path):
+    """As an absent CLI flag does; ``kvzap_window=None`` was refused ("must be an integer ..., got None"), which broke
+    wrappers that pass every option through (review)."""
+    server_args_with_kvzap(model_path=str(smollm2_path), device="cpu", kvzap_threshold=-4, kvzap_surrogate=None,
+                           kvzap_window=None, kvzap_no_decode=None, kvzap_tenants=None)  # fmt: skip
+    assert KVzapSettings.from_env() == KVzapSettings(-4.0, "mlp", 128, score_decode=True)
 
 
 def test_a_surrogate_folder_whose_weights_are_missing_or_corrupt_is_refused(server_args_with_kvzap, smollm2_path,
