@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -38,11 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kvzap_sglang.training.fit import MLPSettings
     from kvzap_sglang.training.pipeline import TrainSettings, train_surrogate
 
-    if args.kind == "linear":  # the Ridge fit comes after minutes of oracle forwards: check its library first
-        try:
-            import sklearn  # noqa: F401
-        except ImportError:
-            raise UsageError("--kind linear needs scikit-learn: pip install 'kvzap-sglang[train]'") from None
+    if args.kind == "linear" and importlib.util.find_spec("sklearn") is None:  # the Ridge fit comes after minutes
+        raise UsageError("--kind linear needs scikit-learn: pip install 'kvzap-sglang[train]'")  # of oracle forwards
     settings = TrainSettings(
         model=args.model,
         kind=args.kind,

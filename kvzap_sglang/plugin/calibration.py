@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.util
 import logging
 import os
 import re
@@ -107,11 +108,9 @@ def launch_settings(kvzap_on: bool, given: dict, model_path) -> CalibrationSetti
 def _require_redis_client() -> None:
     """redis-py comes with the ``service`` extra; without it every scheduler stopped at start-up on an ImportError
     traceback. Checked in the launching process, so the launch fails fast with the fix instead."""
-    try:
-        import redis  # noqa: F401
-    except ImportError as error:
-        raise KVzapConfigError(f"--kvzap-redis-url needs the redis package ({error}): pip install "
-                               "'kvzap-sglang[service]'") from None  # fmt: skip
+    if importlib.util.find_spec("redis") is None:
+        raise KVzapConfigError("--kvzap-redis-url needs the redis package (redis-py): "
+                               "pip install 'kvzap-sglang[service]'")
 
 
 def export(settings: CalibrationSettings) -> None:
