@@ -7,6 +7,8 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from calibrator.errors import StoreUnavailableError
 from calibrator.sample_store import SampleStore
@@ -66,4 +68,18 @@ async def publish_limits(store: SampleStore, retry_s: float = 5.0) -> None:
             await asyncio.sleep(retry_s)
 
 
-app = create_app()
+def app_from_environment() -> FastAPI:
+    """The app ``uvicorn service.app:app`` imports. A bad setting stops it with one line naming the setting (exit
+    status 1) instead of uvicorn's 50-line import traceback ending in pydantic's report."""
+    try:
+        return create_app()
+    except ValidationError as error:
+        reasons = "; ".join(f"KVZAP_{'_'.join(map(str, e['loc'])).upper() or 'SETTINGS'}: {e['msg']}"
+                            for e in error.errors())  # fmt: skip
+        raise SystemExit(f"kvzap calibration service: bad settings: {reasons}") from None
+    except (SettingsError, FileNotFoundError) as error:  # an unparsable KVZAP_* value, a missing KVZAP_ENV_FILE
+        cause = f" ({error.__cause__})" if error.__cause__ else ""  # e.g. the JSON error of a list setting
+        raise SystemExit(f"kvzap calibration service: bad settings: {error}{cause}") from None
+
+
+app = app_from_environment()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -77,3 +82,18 @@ def test_a_retention_over_ten_years_stops_the_start(monkeypatch):
         load_settings()
     monkeypatch.setenv("KVZAP_RETENTION_S", "315360000")
     assert load_settings().store_limits().retention_s == 315_360_000
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"KVZAP_REDIS_URL": "http://x"}, "KVZAP_REDIS_URL: Value error, KVZAP_REDIS_URL must be a redis://"),
+    ({"KVZAP_ADMIN_API_KEYS": "not-json"}, 'error parsing value for field "admin_api_keys"'),
+    ({"KVZAP_ENV_FILE": "/nonexistent/service.env"}, "KVZAP_ENV_FILE='/nonexistent/service.env': no such file"),
+])
+def test_the_served_app_stops_on_a_bad_setting_with_one_line(env, reason):
+    """What ``uvicorn service.app:app`` imports: it printed uvicorn's 50-line import traceback first."""
+    root = Path(__file__).resolve().parents[2]
+    started = subprocess.run([sys.executable, "-c", "import service.app"], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)  # fmt: skip
+    lines = started.stderr.strip().splitlines()
+    assert started.returncode == 1 and len(lines) == 1, started.stderr
+    assert lines[0].startswith("kvzap calibration service: bad settings: ") and reason in lines[0], lines[0]
