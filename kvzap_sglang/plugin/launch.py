@@ -105,7 +105,8 @@ def prepare_launch(settings: KVzapSettings, server_values: dict[str, Any],
     if tenants is not None:
         from kvzap_sglang.plugin.tenants import install_http_middleware
 
-        # Tenant identity on the HTTP edge (no effect for sglang.Engine); the admin key unlocks per-tenant figures.
+        # Tenant identity on the HTTP edge (an Engine's app never serves: its callers use engine_requests.generate_as);
+        # the admin key unlocks per-tenant figures.
         install_http_middleware(tenants, server_values.get("admin_api_key"))
     return overrides
 

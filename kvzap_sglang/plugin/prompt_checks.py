@@ -20,19 +20,24 @@ and, with tenants, an ``extra_key`` naming a tenant namespace that the tenant mi
 
 from __future__ import annotations
 
-from kvzap_sglang.plugin.settings import kvzap_enabled
+from kvzap_sglang.plugin.settings import KVzapSettings, kvzap_enabled
 from kvzap_sglang.plugin.tenants import refuse_unvouched_tenant_keys
+from kvzap_sglang.tenants import TenantsConfig
 
 
 KVZAP_ON_ATTR = "_kvzap_on"  # set on each TokenizerManager when it is built
+TENANT_NAMES_ATTR = "_kvzap_tenant_names"  # ... with its tenants' names (None without --kvzap-tenants)
 
 
 def remember_whether_kvzap_is_on(result, self, *args, **kwargs):
-    """AFTER ``TokenizerManager.__init__``: whether this server or Engine runs KVzap, read while its launch's settings
-    are in the environment. Read per request instead, another ``sglang.Engine`` built later in the same process (even
-    one whose constructor failed) rewrote the environment and switched a running KVzap Engine's checks off: its next
-    empty prompt stopped its scheduler."""
-    setattr(self, KVZAP_ON_ATTR, kvzap_enabled())
+    """AFTER ``TokenizerManager.__init__``: whether this server or Engine runs KVzap, and its tenants, read while its
+    launch's settings are in the environment. Read per request instead, another ``sglang.Engine`` built later in the
+    same process (even one whose constructor failed) rewrote the environment and switched a running KVzap Engine's
+    checks off: its next empty prompt stopped its scheduler."""
+    settings = KVzapSettings.from_env() if kvzap_enabled() else None  # validated at launch: cannot raise here
+    setattr(self, KVZAP_ON_ATTR, settings is not None)
+    names = None if settings is None or settings.tenants is None else TenantsConfig.load(settings.tenants).names()
+    setattr(self, TENANT_NAMES_ATTR, names)
 
 
 def refuse_crashing_prompts(original, self, obj, input_ids):

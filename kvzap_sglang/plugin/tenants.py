@@ -44,6 +44,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -85,7 +87,18 @@ TENANTS_HIDDEN = "per-tenant figures are shown to the admin API key only (Author
 # cached prefixes from a route the middleware does not cover.
 RESERVED_KEY_PREFIXES = (EXTRA_KEY_PREFIX, GROUP_KEY_PREFIX)
 _vouched_extra_keys: ContextVar[frozenset[str] | None] = ContextVar("kvzap_vouched_extra_keys", default=None)
-_edge_installed = False  # this process serves HTTP with TenantMiddleware (sglang.Engine callers set extra_key)
+_edge_installed = False  # tenants on, launched here: an extra_key naming a tenant must be vouched for
+
+
+@contextmanager
+def vouching_for(extra_keys) -> Iterator[None]:
+    """Within this block (this context), requests may carry these tenant ``extra_key``s: the HTTP edge vouches for
+    the one it wrote; ``engine_requests`` for the one an Engine caller asked for."""
+    vouched = _vouched_extra_keys.set(frozenset(extra_keys if isinstance(extra_keys, list) else [extra_keys]))
+    try:
+        yield
+    finally:
+        _vouched_extra_keys.reset(vouched)
 
 
 # ---------------------------------------------------------------------------- scheduler-side table
@@ -490,8 +503,6 @@ class TenantMiddleware:
             return await _reject(send, error.status, error.reason)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:  # not UTF-8: latin-1 text, a gzip body
             return await _reject(send, 400, f"invalid JSON body: {error}")
-        written = payload["extra_key"]
-        vouched = _vouched_extra_keys.set(frozenset(written if isinstance(written, list) else [written]))
         new_body = json.dumps(payload).encode()
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                      + [(b"content-length", str(len(new_body)).encode())])  # fmt: skip
@@ -504,10 +515,8 @@ class TenantMiddleware:
                 return {"type": "http.request", "body": new_body, "more_body": False}
             return await receive()
 
-        try:
+        with vouching_for(payload["extra_key"]):
             return await self.app(scope, replay, send)
-        finally:
-            _vouched_extra_keys.reset(vouched)
 
     def _from_admin(self, scope) -> bool:
         authorization = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
