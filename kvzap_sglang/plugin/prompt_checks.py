@@ -44,7 +44,10 @@ def refuse_crashing_prompts(original, self, obj, input_ids):
     """AROUND ``TokenizerManager._validate_one_request``: a prompt with no tokens, a token id outside
     ``[0, vocab_size)``, embeddings not ``[tokens, hidden_size]`` or logprob options out of range is a
     ``ValueError`` (HTTP 400) before SGLang's own checks."""
-    if getattr(self, KVZAP_ON_ATTR, None) or (not hasattr(self, KVZAP_ON_ATTR) and kvzap_enabled()):
+    kvzap_on = getattr(self, KVZAP_ON_ATTR, None)
+    if kvzap_on is None:  # a TokenizerManager built before KVzap's hooks were applied: the environment decides
+        kvzap_on = kvzap_enabled()
+    if kvzap_on:
         check_no_beam_search(obj)
         check_logprob_params(obj, self.model_config.vocab_size)
         refuse_unvouched_tenant_keys(obj)
