@@ -28,7 +28,8 @@ class CalibrateRequest(BaseModel):
     task: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH, pattern=LABEL_PATTERN)
     # NaN / Infinity parse as JSON numbers in Python but are no target: "finite number" says why they are refused.
     target_ratio: float = Field(
-        ge=0.0, lt=1.0, allow_inf_nan=False, description="target mean removed fraction, in [0, 1); 0 gives the lowest candidate τ (-32)"
+        ge=0.0, lt=1.0, allow_inf_nan=False,
+        description="target mean removed fraction, in [0, 1); 0 gives the lowest candidate τ (-32)",
     )
     tenant: str | None = Field(None, min_length=1, max_length=MAX_LABEL_LENGTH, pattern=LABEL_PATTERN)
     min_samples: int | None = Field(None, ge=1, le=10_000_000)

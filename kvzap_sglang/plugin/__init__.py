@@ -79,7 +79,7 @@ def _register_startup_hooks(HookRegistry, HookType) -> None:
         "sglang.srt.utils.common.build_server_info", reporting.redact_server_info_secrets, HookType.AFTER
     )
     HookRegistry.register(  # the launch's INFO line ``server_args={...}`` printed admin_api_key in plain text
-        "sglang.srt.entrypoints.engine._server_args_for_logging", reporting.redact_logged_server_args, HookType.AFTER
+        "sglang.srt.entrypoints.engine._server_args_for_logging", reporting.redact_server_info_secrets, HookType.AFTER
     )
     HookRegistry.register(  # HTTP process; checks only while KVzap is on (the launcher exports its settings)
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",

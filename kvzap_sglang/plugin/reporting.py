@@ -105,13 +105,16 @@ def unwrap_meta_info(original, self, meta_info, state, customized_info, index, f
 SECRET_FIELDS = ("api_key", "admin_api_key", "ssl_keyfile_password")
 _SECRET_FLAGS = re.compile(r"(--(?:admin-api-key|api-key|ssl-keyfile-password)(?:=|\s+))(\S+)")
 # An Engine's launch_command is ``Engine(admin_api_key='…', …)``: the repr of each keyword argument's value.
-_SECRET_KWARGS = re.compile(r"(\b(?:admin_api_key|api_key|ssl_keyfile_password)=)('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
+_SECRET_KWARGS = re.compile(r"(\b(?:admin_api_key|api_key|ssl_keyfile_password)=)"
+                            r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
 REDACTED = "<redacted>"
 
 
 def redact_server_info_secrets(info, *args, **kwargs):
-    """AFTER ``build_server_info`` (the body of ``/server_info``): SGLang's keys become ``<redacted>`` while KVzap is
-    on. Stock SGLang served ``admin_api_key`` to anyone who could read ``/server_info``."""
+    """AFTER ``build_server_info`` (the body of ``/server_info``) and ``engine._server_args_for_logging`` (the
+    ``server_args=…`` line every launch logs at INFO): SGLang's keys become ``<redacted>`` while KVzap is on. Stock
+    SGLang served ``admin_api_key`` to anyone who could read ``/server_info``, and logged it (its own redaction covers
+    the watermark keys only)."""
     if kvzap_enabled() and isinstance(info, dict):
         redact_secrets(info)
     return None
@@ -125,12 +128,6 @@ def redact_secrets(info: dict) -> None:
     if isinstance(info.get("launch_command"), str):
         command = _SECRET_FLAGS.sub(rf"\1{REDACTED}", info["launch_command"])
         info["launch_command"] = _SECRET_KWARGS.sub(rf"\1'{REDACTED}'", command)
-
-
-def redact_logged_server_args(logged, *args, **kwargs):
-    """AFTER ``engine._server_args_for_logging`` (the ``server_args=…`` line every launch logs at INFO): the same
-    redaction as ``/server_info`` while KVzap is on. SGLang's own covers the watermark keys only."""
-    return redact_server_info_secrets(logged)
 
 
 def add_internal_state(original, self, *args, **kwargs):

@@ -233,7 +233,7 @@ def test_the_start_up_log_line_shows_no_key(server_args_with_kvzap, smollm2_path
     assert "operator-key-0002" not in logged and "client-key-0002" not in logged
     assert "'admin_api_key': '<redacted>'" in logged and "'api_key': '<redacted>'" in logged
     kwargs = {"launch_command": "Engine(model_path='m', admin_api_key='operator-key-0002', api_key=\"it's-0002\")"}
-    reporting.redact_logged_server_args(kwargs)
+    reporting.redact_server_info_secrets(kwargs)
     assert kwargs["launch_command"] == "Engine(model_path='m', admin_api_key='<redacted>', api_key='<redacted>')"
 
 
